@@ -1,0 +1,39 @@
+import unittest
+
+from macrogpt import Config, ConfigError
+
+
+class ConfigValidationTest(unittest.TestCase):
+    def assertRejects(self, field_name, **kw):
+        with self.assertRaises(ConfigError) as cm:
+            Config(**kw)
+        self.assertIn(field_name, str(cm.exception))
+        self.assertNotIn("\n", str(cm.exception))
+
+    def test_defaults_are_the_seed_sizes(self):
+        c = Config()
+        self.assertEqual((c.n_layer, c.n_embd, c.n_head, c.block_size), (2, 72, 4, 96))
+        self.assertEqual(c.head_dim, 18)
+
+    def test_n_embd_must_divide_by_n_head(self):
+        self.assertRejects("n_head", n_embd=70, n_head=4)
+
+    def test_head_dim_must_be_even_for_rope(self):
+        self.assertRejects("head_dim", n_embd=36, n_head=4)
+
+    def test_sizes_must_be_positive(self):
+        self.assertRejects("n_layer", n_layer=0)
+        self.assertRejects("block_size", block_size=-1)
+
+    def test_probabilities_in_range(self):
+        self.assertRejects("top_p", top_p=1.5)
+        self.assertRejects("min_p", min_p=-0.1)
+        self.assertRejects("lr_min", lr_min=1.0, lr=0.1)
+
+    def test_dict_round_trip(self):
+        c = Config(n_layer=3, top_k=7)
+        self.assertEqual(Config.from_dict(c.to_dict()), c)
+
+
+if __name__ == "__main__":
+    unittest.main()
