@@ -159,6 +159,744 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+
+# ======================================================================================
+# Kernels: matrix arithmetic on plain lists of rows, the only place where speed is won.
+# ======================================================================================
+# A matrix is a list of rows (lists or tuples of floats). Everything heavy reduces to
+# matmul_nt(X, W) = X @ W^T, a dot product of every row of X with every row of W.
+# The fast dot product uses math.dist (3.8+), which runs the whole row in C:
+#     a.b = |a|^2 + |b/2|^2 - |a - b/2|^2
+# with |b/2|^2 precomputed per row of W, so one C call does what sum(map(mul, a, b)) does
+# in about five times the time. Python 3.7 falls back to sum(map(mul, a, b)).
+
+_dist = getattr(math, "dist", None)
+
+
+def transpose(M):
+    """(R, C) rows -> (C, R) rows (tuples)."""
+    return list(zip(*M))
+
+
+if _dist is not None:
+    def prepare_rows(W):
+        """Precompute what matmul_prepared needs from the right-hand matrix (its rows halved)."""
+        if not W:
+            return []
+        zero = (0.0,) * len(W[0])
+        halves = [tuple([0.5 * v for v in w]) for w in W]
+        return [(h, _dist(h, zero) ** 2) for h in halves]
+
+    def matmul_prepared(X, P):
+        """X (N, k) rows times prepared W (M, k) -> (N, M) rows of X @ W^T."""
+        if not X:
+            return []
+        dist = _dist
+        zero = (0.0,) * len(X[0])
+        out = []
+        for x in X:
+            x = tuple(x)
+            nx = dist(x, zero) ** 2
+            out.append([nx + nh - dist(x, h) ** 2 for h, nh in P])
+        return out
+else:
+    def prepare_rows(W):
+        """Precompute what matmul_prepared needs from the right-hand matrix (nothing on 3.7)."""
+        return [tuple(w) for w in W]
+
+    def matmul_prepared(X, P):
+        """X (N, k) rows times prepared W (M, k) -> (N, M) rows of X @ W^T."""
+        mul = operator.mul
+        return [[sum(map(mul, x, w)) for w in P] for x in X]
+
+
+def matmul_nt(X, W):
+    """X (N, k) @ W(M, k)^T -> (N, M) rows."""
+    return matmul_prepared(X, prepare_rows(W))
+
+
+def add_rows(A, B):
+    """Elementwise A + B as new lists (never mutates, so gradients may alias safely)."""
+    add = operator.add
+    return [list(map(add, a, b)) for a, b in zip(A, B)]
+
+
+def scale_rows(A, s):
+    return [[s * v for v in a] for a in A]
+
+
+def zeros(rows, cols):
+    return [[0.0] * cols for _ in range(rows)]
+
+
+def softmax_row(s):
+    m = max(s)
+    e = [math.exp(v - m) for v in s]
+    z = sum(e)
+    return [v / z for v in e]
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0
+
+
+class RopeTable:
+    """cos/sin of the rotary angles pos * base^(-2i/head_dim), grown on demand per position."""
+
+    def __init__(self, head_dim, base):
+        half = head_dim // 2
+        self.freqs = [base ** (-2.0 * i / head_dim) for i in range(half)]
+        self.cos = []
+        self.sin = []
+
+    def at(self, pos):
+        while len(self.cos) <= pos:
+            p = len(self.cos)
+            self.cos.append([math.cos(p * f) for f in self.freqs])
+            self.sin.append([math.sin(p * f) for f in self.freqs])
+        return self.cos[pos], self.sin[pos]
+
+
+def rope_rotate(x, cos, sin):
+    """Rotate the pairs (x[i], x[i + half]) of one head vector by the position's angles."""
+    half = len(cos)
+    x1, x2 = x[:half], x[half:]
+    return ([a * c - b * s for a, b, c, s in zip(x1, x2, cos, sin)]
+            + [a * s + b * c for a, b, c, s in zip(x1, x2, cos, sin)])
+
+
+def rope_unrotate(g, cos, sin):
+    """The transpose (= inverse) rotation, which carries gradients back through rope_rotate."""
+    half = len(cos)
+    g1, g2 = g[:half], g[half:]
+    return ([a * c + b * s for a, b, c, s in zip(g1, g2, cos, sin)]
+            + [b * c - a * s for a, b, c, s in zip(g1, g2, cos, sin)])
+
+
+# ======================================================================================
+# Autograd: nodes hold whole matrices (a sequence of rows), so a training step is ~20 nodes.
+# ======================================================================================
+# Each op computes its forward value and returns a node whose `backward_fn(g)` maps the
+# output gradient to one gradient per parent (None where a parent needs none). The closure
+# holds the parents and saved values but never the output node, so the graph has no
+# reference cycles and is freed as soon as the loss goes out of scope.
+
+class Tensor:
+    __slots__ = ("data", "grad", "parents", "backward_fn", "requires_grad", "frozen_rows")
+
+    def __init__(self, data, parents=(), backward_fn=None, requires_grad=None):
+        self.data = data                  # list of rows
+        self.grad = None                  # same shape as data once backward has reached it
+        self.parents = parents
+        self.backward_fn = backward_fn
+        if requires_grad is None:
+            requires_grad = any(p.requires_grad for p in parents)
+        self.requires_grad = requires_grad
+        self.frozen_rows = 0              # parameters: rows below this index never change
+
+    @property
+    def shape(self):
+        return (len(self.data), len(self.data[0]) if self.data else 0)
+
+    def freeze(self, rows=None):
+        """Freeze the first `rows` rows (all by default); the optimizer never touches them."""
+        self.frozen_rows = len(self.data) if rows is None else rows
+        self.requires_grad = self.frozen_rows < len(self.data)
+
+    def backward(self):
+        """Accumulate d(self)/d(node) into every node's .grad; self must be a 1x1 scalar."""
+        order = _topological_order(self)
+        self.grad = [[1.0]]
+        for node in reversed(order):
+            if node.backward_fn is None or node.grad is None:
+                continue
+            grads = node.backward_fn(node.grad)
+            for parent, g in zip(node.parents, grads):
+                if g is None or not parent.requires_grad:
+                    continue
+                parent.grad = g if parent.grad is None else add_rows(parent.grad, g)
+            if node.parents:
+                node.grad = None          # free interior gradients as soon as they are used
+
+
+def param(data, trainable=True):
+    t = Tensor(data, requires_grad=trainable)
+    if not trainable:
+        t.frozen_rows = len(data)
+    return t
+
+
+def _topological_order(root):
+    """Iterative DFS post-order: no recursion limit however deep the graph."""
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        for p in node.parents:
+            if id(p) not in seen and p.requires_grad:
+                stack.append((p, False))
+    return order
+
+
+def add(a, b):
+    def backward_fn(g):
+        return g, g
+    return Tensor(add_rows(a.data, b.data), (a, b), backward_fn)
+
+
+def mul(a, b):
+    A, B = a.data, b.data
+    out = [list(map(operator.mul, x, y)) for x, y in zip(A, B)]
+
+    def backward_fn(g):
+        ga = [list(map(operator.mul, gr, y)) for gr, y in zip(g, B)] if a.requires_grad else None
+        gb = [list(map(operator.mul, gr, x)) for gr, x in zip(g, A)] if b.requires_grad else None
+        return ga, gb
+    return Tensor(out, (a, b), backward_fn)
+
+
+def scale(a, s):
+    def backward_fn(g):
+        return (scale_rows(g, s),)
+    return Tensor(scale_rows(a.data, s), (a,), backward_fn)
+
+
+def silu(a):
+    X = a.data
+    S = [[sigmoid(v) for v in x] for x in X]
+    out = [[v * s for v, s in zip(x, sr)] for x, sr in zip(X, S)]
+
+    def backward_fn(g):
+        # d/dx x*sig(x) = sig(x) * (1 + x * (1 - sig(x)))
+        return ([[gv * s * (1.0 + v * (1.0 - s)) for gv, v, s in zip(gr, x, sr)]
+                 for gr, x, sr in zip(g, X, S)],)
+    return Tensor(out, (a,), backward_fn)
+
+
+def swiglu(gv):
+    """(N, 2H) rows [gate | value] -> (N, H) rows silu(gate) * value, fused for speed."""
+    H = len(gv.data[0]) // 2
+    G = [r[:H] for r in gv.data]
+    V = [r[H:] for r in gv.data]
+    S = [[sigmoid(v) for v in g] for g in G]
+    act = [[v * s for v, s in zip(g, sr)] for g, sr in zip(G, S)]
+    out = [list(map(operator.mul, a, v)) for a, v in zip(act, V)]
+
+    def backward_fn(grad):
+        dg = [[d * v * s * (1.0 + x * (1.0 - s)) for d, v, s, x in zip(dr, vr, sr, gr)]
+              for dr, vr, sr, gr in zip(grad, V, S, G)]
+        dv = [list(map(operator.mul, dr, a)) for dr, a in zip(grad, act)]
+        return ([a + b for a, b in zip(dg, dv)],)
+    return Tensor(out, (gv,), backward_fn)
+
+
+def rmsnorm(x, gain, eps=1e-6):
+    """y = x / rms(x) * gain per row; gain is a (1, C) parameter."""
+    X = x.data
+    C = len(X[0])
+    w = gain.data[0]
+    zero = [0.0] * C
+    R = [1.0 / math.sqrt(_sumsq(r, zero) / C + eps) for r in X]
+    out = [[v * r * gw for v, gw in zip(row, w)] for row, r in zip(X, R)]
+
+    def backward_fn(g):
+        gx = dgain = None
+        if x.requires_grad:
+            gx = []
+            for row, gr, r in zip(X, g, R):
+                gy = list(map(operator.mul, gr, w))
+                c = r * r * r * sum(map(operator.mul, gy, row)) / C
+                gx.append([r * a - c * v for a, v in zip(gy, row)])
+        if gain.requires_grad:
+            scaled = [[d * v * r for d, v in zip(gr, row)] for gr, row, r in zip(g, X, R)]
+            dgain = [[sum(col) for col in zip(*scaled)]]
+        return gx, dgain
+    return Tensor(out, (x, gain), backward_fn)
+
+
+def _sumsq(row, zero):
+    return _dist(row, zero) ** 2 if _dist is not None else sum(v * v for v in row)
+
+
+def embed(wte, ids):
+    """Rows of the embedding matrix for each token id -> (N, C)."""
+    table = wte.data
+    out = [list(table[i]) for i in ids]
+
+    def backward_fn(g):
+        grad = {}
+        for i, gr in zip(ids, g):
+            prev = grad.get(i)
+            grad[i] = gr if prev is None else list(map(operator.add, prev, gr))
+        C = len(table[0])
+        dense = [grad.get(i) or [0.0] * C for i in range(len(table))]
+        return (dense,)
+    return Tensor(out, (wte,), backward_fn)
+
+
+def rope(x, n_head, positions, table):
+    """Rotary position embedding of every head of every row; positions[i] is row i's position."""
+    X = x.data
+    hd = len(X[0]) // n_head
+
+    def apply(rows, fn):
+        out = []
+        for row, pos in zip(rows, positions):
+            cos, sin = table.at(pos)
+            new = []
+            for h in range(n_head):
+                new.extend(fn(row[h * hd:(h + 1) * hd], cos, sin))
+            out.append(new)
+        return out
+
+    def backward_fn(g):
+        return (apply(g, rope_unrotate),)
+    return Tensor(apply(X, rope_rotate), (x,), backward_fn)
+
+
+def attention(qkv, n_seq, T, n_head, table):
+    """Causal multi-head attention with RoPE, fused: (n_seq*T, 3C) rows [q|k|v] -> (n_seq*T, C).
+
+    Row b*T + t is token t of sequence b at absolute position t.
+    """
+    C = len(qkv.data[0]) // 3
+    hd = C // n_head
+    sc = 1.0 / math.sqrt(hd)
+    angles = [table.at(t) for t in range(T)]
+    out = zeros(n_seq * T, C)
+    saved = []
+    for b in range(n_seq):
+        rows = qkv.data[b * T:(b + 1) * T]
+        for h in range(n_head):
+            o = h * hd
+            Q = [rope_rotate(r[o:o + hd], c, s) for r, (c, s) in zip(rows, angles)]
+            K = [rope_rotate(r[C + o:C + o + hd], c, s) for r, (c, s) in zip(rows, angles)]
+            V = [r[2 * C + o:2 * C + o + hd] for r in rows]
+            S = matmul_nt(Q, K)                           # (T, T); only j <= t is used
+            P = []
+            for t in range(T):
+                p = softmax_row([v * sc for v in S[t][:t + 1]])
+                P.append(p + [0.0] * (T - 1 - t))
+            O = matmul_nt(P, transpose(V))                # (T, hd)
+            for t in range(T):
+                out[b * T + t][o:o + hd] = O[t]
+            saved.append((Q, K, V, P))
+
+    def backward_fn(g):
+        dqkv = zeros(n_seq * T, 3 * C)
+        i = 0
+        for b in range(n_seq):
+            for h in range(n_head):
+                Q, K, V, P = saved[i]
+                i += 1
+                o = h * hd
+                dO = [g[b * T + t][o:o + hd] for t in range(T)]
+                dP = matmul_nt(dO, V)                     # (T, T)
+                dV = matmul_nt(transpose(P), transpose(dO))
+                dS = []
+                for t in range(T):
+                    p, dp = P[t], dP[t]
+                    dot = sum(map(operator.mul, p[:t + 1], dp[:t + 1]))
+                    dS.append([sc * pj * (dpj - dot) for pj, dpj in zip(p[:t + 1], dp)]
+                              + [0.0] * (T - 1 - t))
+                dQ = matmul_nt(dS, transpose(K))
+                dK = matmul_nt(transpose(dS), transpose(Q))
+                for t in range(T):
+                    c, s = angles[t]
+                    row = dqkv[b * T + t]
+                    row[o:o + hd] = rope_unrotate(dQ[t], c, s)
+                    row[C + o:C + o + hd] = rope_unrotate(dK[t], c, s)
+                    row[2 * C + o:2 * C + o + hd] = dV[t]
+        return (dqkv,)
+    return Tensor(out, (qkv,), backward_fn)
+
+
+def cross_entropy(logits, targets):
+    """Per-row -log softmax(logits)[target], fused with the log-softmax -> (N, 1)."""
+    probs, out = [], []
+    for row, y in zip(logits.data, targets):
+        m = max(row)
+        e = [math.exp(v - m) for v in row]
+        z = sum(e)
+        out.append([m + math.log(z) - row[y]])
+        probs.append([v / z for v in e])
+
+    def backward_fn(g):
+        grad = []
+        for p, y, gr in zip(probs, targets, g):
+            d = gr[0]
+            row = [d * v for v in p]
+            row[y] -= d
+            grad.append(row)
+        return (grad,)
+    return Tensor(out, (logits,), backward_fn)
+
+
+def mean(x):
+    """Mean of every entry -> (1, 1)."""
+    n = len(x.data) * len(x.data[0])
+    cols = len(x.data[0])
+    value = sum(sum(r) for r in x.data) / n
+
+    def backward_fn(g):
+        d = g[0][0] / n
+        return ([[d] * cols for _ in x.data],)
+    return Tensor([[value]], (x,), backward_fn)
+
+
+class Delta:
+    """One low-rank adapter: adds alpha * A (B x); A starts at zero so appending is a no-op."""
+
+    def __init__(self, A, B, alpha):
+        self.A = A                        # (out, rank) parameter
+        self.B = B                        # (rank, in) parameter
+        self.alpha = alpha
+
+
+class Linear:
+    """A weight matrix W (out, in) plus appended deltas: y = W x + sum_k alpha_k A_k (B_k x)."""
+
+    def __init__(self, weight):
+        self.weight = weight
+        self.deltas = []
+
+    def effective(self):
+        """W + sum alpha A B as plain rows: merged once per step, then one matmul does the rest."""
+        W = self.weight.data
+        for d in self.deltas:
+            AB = matmul_nt(d.A.data, transpose(d.B.data))
+            W = [[w + d.alpha * v for w, v in zip(wr, ab)] for wr, ab in zip(W, AB)]
+        return W
+
+
+def linear(x, mods):
+    """x (N, in) @ [W_eff of each module stacked by rows]^T -> (N, sum of outs).
+
+    Stacking q/k/v (or gate/value) lets one matmul serve several modules. Backward: the
+    input gradient always; each trainable base gets dW = g^T x; deltas get dA, dB from dW
+    when it exists, else from the cheap low-rank route dA = a g^T (x B^T), dB = a (g A)^T x.
+    """
+    W = []
+    for m in mods:
+        W.extend(m.effective())
+    X = x.data
+    out = matmul_nt(X, W)
+    parents = [x]
+    for m in mods:
+        parents.append(m.weight)
+        for d in m.deltas:
+            parents.extend((d.A, d.B))
+
+    def backward_fn(g):
+        grads = [matmul_nt(g, transpose(W)) if x.requires_grad else None]
+        gT = transpose(g)
+        XT = transpose(X)
+        o = 0
+        for m in mods:
+            M = len(m.weight.data)
+            gTm = gT[o:o + M]
+            o += M
+            if m.weight.requires_grad:
+                dW = matmul_nt(gTm, XT)
+                grads.append(dW)
+                for d in m.deltas:
+                    grads.append(scale_rows(matmul_nt(dW, d.B.data), d.alpha))
+                    grads.append(scale_rows(matmul_nt(transpose(d.A.data), transpose(dW)), d.alpha))
+            else:
+                grads.append(None)
+                gm = transpose(gTm)                                  # (N, M)
+                for d in m.deltas:
+                    U = matmul_nt(X, d.B.data)                       # (N, r) = x B^T
+                    grads.append(scale_rows(matmul_nt(gTm, transpose(U)), d.alpha))
+                    gA = matmul_nt(gm, transpose(d.A.data))          # (N, r) = g A
+                    grads.append(scale_rows(matmul_nt(transpose(gA), XT), d.alpha))
+        return grads
+    return Tensor(out, tuple(parents), backward_fn)
+
+
+
+# ======================================================================================
+# Model: a pre-norm GPT with RoPE, SwiGLU and tied embeddings, every linear carrying deltas.
+# ======================================================================================
+
+N_BASE_VOCAB = 259                        # 256 bytes + BOS, EOS, PAD (the tokenizer's bootstrap)
+
+LINEAR_NAMES = ("wq", "wk", "wv", "wo", "fc_g", "fc_v", "fc2")
+
+
+def _randn(rng, rows, cols, std):
+    return [[rng.gauss(0.0, std) for _ in range(cols)] for _ in range(rows)]
+
+
+class Block:
+    """One transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg, rng):
+        C, H, std = cfg.n_embd, 4 * cfg.n_embd, cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layer)   # residual writers start smaller (GPT-2)
+        self.ln1 = param([[1.0] * C])
+        self.wq = Linear(param(_randn(rng, C, C, std)))
+        self.wk = Linear(param(_randn(rng, C, C, std)))
+        self.wv = Linear(param(_randn(rng, C, C, std)))
+        self.wo = Linear(param(_randn(rng, C, C, out_std)))
+        self.ln2 = param([[1.0] * C])
+        self.fc_g = Linear(param(_randn(rng, H, C, std)))
+        self.fc_v = Linear(param(_randn(rng, H, C, std)))
+        self.fc2 = Linear(param(_randn(rng, C, H, out_std)))
+
+    def linears(self):
+        return [(name, getattr(self, name)) for name in LINEAR_NAMES]
+
+    def __call__(self, x, n_seq, T, cfg, table):
+        qkv = linear(rmsnorm(x, self.ln1), [self.wq, self.wk, self.wv])
+        x = add(x, linear(attention(qkv, n_seq, T, cfg.n_head, table), [self.wo]))
+        gv = linear(rmsnorm(x, self.ln2), [self.fc_g, self.fc_v])
+        return add(x, linear(swiglu(gv), [self.fc2]))
+
+
+class GPT:
+    def __init__(self, cfg, vocab_size=N_BASE_VOCAB, seed=0):
+        rng = random.Random(seed)
+        self.cfg = cfg
+        self.rng = rng                    # initializes rows added later (vocab, deltas, growth)
+        self.wte = param(_randn(rng, vocab_size, cfg.n_embd, cfg.init_std))
+        self.blocks = [Block(cfg, rng) for _ in range(cfg.n_layer)]
+        self.lnf = param([[1.0] * cfg.n_embd])
+        head = self.wte if cfg.tie_embeddings else param(_randn(rng, vocab_size, cfg.n_embd, cfg.init_std))
+        self.lm_head = Linear(head)
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_base)
+        self.version = 0                  # bumped whenever weights change (invalidates caches)
+        self._infer = None
+
+    @property
+    def vocab_size(self):
+        return len(self.wte.data)
+
+    # -- parameters ------------------------------------------------------------------
+    def linears(self):
+        """(name, Linear) for every adapted linear, in a fixed order."""
+        out = []
+        for i, blk in enumerate(self.blocks):
+            out.extend(("h%d.%s" % (i, n), lin) for n, lin in blk.linears())
+        out.append(("lm_head", self.lm_head))
+        return out
+
+    def base_params(self):
+        """(name, Tensor) of the base weights; a tied lm_head is listed once, as wte."""
+        out = [("wte", self.wte)]
+        for i, blk in enumerate(self.blocks):
+            out.append(("h%d.ln1" % i, blk.ln1))
+            out.append(("h%d.ln2" % i, blk.ln2))
+            out.extend(("h%d.%s" % (i, n), lin.weight) for n, lin in blk.linears())
+        out.append(("lnf", self.lnf))
+        if not self.cfg.tie_embeddings:
+            out.append(("lm_head", self.lm_head.weight))
+        return out
+
+    def delta_params(self):
+        out = []
+        for name, lin in self.linears():
+            for k, d in enumerate(lin.deltas):
+                out.append(("%s.d%d.A" % (name, k), d.A))
+                out.append(("%s.d%d.B" % (name, k), d.B))
+        return out
+
+    def named_params(self):
+        return self.base_params() + self.delta_params()
+
+    def num_params(self):
+        return sum(len(t.data) * len(t.data[0]) for _, t in self.named_params())
+
+    @property
+    def n_deltas(self):
+        return len(self.lm_head.deltas)
+
+    def freeze_base(self):
+        for _, t in self.base_params():
+            t.freeze()
+        self.touch()
+
+    def touch(self):
+        self.version += 1
+
+    # -- growth ------------------------------------------------------------------------
+    def add_delta(self):
+        """Append one delta module to every linear; outputs are unchanged (A = 0)."""
+        cfg = self.cfg
+        if self.n_deltas >= cfg.max_delta_modules:
+            return False
+        r = cfg.delta_rank
+        for _, lin in self.linears():
+            out_dim, in_dim = len(lin.weight.data), len(lin.weight.data[0])
+            A = param(zeros(out_dim, r))
+            B = param(_randn(self.rng, r, in_dim, 1.0 / math.sqrt(in_dim)))
+            lin.deltas.append(Delta(A, B, cfg.delta_alpha))
+        self.touch()
+        return True
+
+    def grow_vocab(self, new_size):
+        """Append rows for new token ids to wte (and lm_head, and every lm_head delta's A).
+
+        Existing rows are untouched; a frozen wte keeps its old rows frozen while the new
+        rows train, so new tokens get embeddings without disturbing learned ones.
+        """
+        old = self.vocab_size
+        if new_size <= old:
+            return
+        C, std = self.cfg.n_embd, self.cfg.init_std
+        heads = [self.wte] if self.cfg.tie_embeddings else [self.wte, self.lm_head.weight]
+        for t in heads:
+            t.data.extend(_randn(self.rng, new_size - old, C, std))
+            t.requires_grad = t.frozen_rows < len(t.data)
+        for d in self.lm_head.deltas:
+            d.A.data.extend(zeros(new_size - old, len(d.A.data[0])))
+        self.touch()
+
+    # -- training forward ----------------------------------------------------------------
+    def forward(self, inputs):
+        """inputs: n_seq lists of T ids (equal lengths, T <= block_size) -> logits (n_seq*T, V)."""
+        n_seq, T = len(inputs), len(inputs[0])
+        assert T <= self.cfg.block_size
+        ids = [i for seq in inputs for i in seq]
+        x = embed(self.wte, ids)                          # (n_seq*T, C) rows
+        for blk in self.blocks:
+            x = blk(x, n_seq, T, self.cfg, self.rope)
+        return linear(rmsnorm(x, self.lnf), [self.lm_head])
+
+    def loss(self, inputs, targets):
+        """Mean next-token cross-entropy (nats) of targets (same shape as inputs)."""
+        flat = [t for seq in targets for t in seq]
+        return mean(cross_entropy(self.forward(inputs), flat))
+
+    # -- generation: one token at a time, KV cache, no graph ----------------------------------
+    def _inference_weights(self):
+        """Effective weights merged and prepared once per weight version."""
+        if self._infer is None or self._infer[0] != self.version:
+            layers = []
+            for blk in self.blocks:
+                qkv = blk.wq.effective() + blk.wk.effective() + blk.wv.effective()
+                gv = blk.fc_g.effective() + blk.fc_v.effective()
+                layers.append((blk.ln1.data[0], prepare_rows(qkv), prepare_rows(blk.wo.effective()),
+                               blk.ln2.data[0], prepare_rows(gv), prepare_rows(blk.fc2.effective())))
+            head = prepare_rows(self.lm_head.effective())
+            self._infer = (self.version, layers, self.lnf.data[0], head)
+        return self._infer
+
+    def new_cache(self):
+        """Per layer, per head: rotated keys (prepared for the dot kernel) and values."""
+        return {"pos": 0,
+                "k": [[[] for _ in range(self.cfg.n_head)] for _ in self.blocks],
+                "v": [[[] for _ in range(self.cfg.n_head)] for _ in self.blocks]}
+
+    def step(self, cache, token):
+        """Feed one token at the cache's next position -> logits list (V,).
+
+        Past block_size tokens the oldest entry drops out of the window; RoPE makes scores
+        depend only on relative positions, so nothing needs recomputing.
+        """
+        cfg = self.cfg
+        _, layers, lnf, head = self._inference_weights()
+        C, hd, nh = cfg.n_embd, cfg.head_dim, cfg.n_head
+        sc = 1.0 / math.sqrt(hd)
+        pos = cache["pos"]
+        cos, sin = self.rope.at(pos)
+        x = list(self.wte.data[token])
+        for li, (ln1, qkv_w, wo_w, ln2, gv_w, fc2_w) in enumerate(layers):
+            qkv = matmul_prepared([_rmsnorm_row(x, ln1)], qkv_w)[0]
+            att = []
+            for h in range(nh):
+                o = h * hd
+                q = rope_rotate(qkv[o:o + hd], cos, sin)
+                ks, vs = cache["k"][li][h], cache["v"][li][h]
+                ks.extend(prepare_rows([rope_rotate(qkv[C + o:C + o + hd], cos, sin)]))
+                vs.append(qkv[2 * C + o:2 * C + o + hd])
+                if len(ks) > cfg.block_size:
+                    del ks[0], vs[0]
+                p = softmax_row([v * sc for v in matmul_prepared([q], ks)[0]])
+                att.extend(sum(map(operator.mul, p, col)) for col in zip(*vs))
+            x = list(map(operator.add, x, matmul_prepared([att], wo_w)[0]))
+            gv = matmul_prepared([_rmsnorm_row(x, ln2)], gv_w)[0]
+            H = len(gv) // 2
+            act = [g * sigmoid(g) * v for g, v in zip(gv[:H], gv[H:])]
+            x = list(map(operator.add, x, matmul_prepared([act], fc2_w)[0]))
+        cache["pos"] = pos + 1
+        return matmul_prepared([_rmsnorm_row(x, lnf)], head)[0]
+
+
+def _rmsnorm_row(x, gain, eps=1e-6):
+    r = 1.0 / math.sqrt(sum(v * v for v in x) / len(x) + eps)
+    return [v * r * g for v, g in zip(x, gain)]
+
+
+
+# ======================================================================================
+# Optimizer: Adam with bias correction, global-norm clipping, warmup then cosine decay.
+# ======================================================================================
+
+def lr_at(step, cfg):
+    """Learning rate for a global step: linear warmup, cosine to lr_min, then lr_min."""
+    if step < cfg.lr_warmup_steps:
+        return cfg.lr * (step + 1) / cfg.lr_warmup_steps
+    if step >= cfg.lr_decay_steps:
+        return cfg.lr_min
+    span = max(1, cfg.lr_decay_steps - cfg.lr_warmup_steps)
+    progress = (step - cfg.lr_warmup_steps) / span
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+class Adam:
+    """Adam over named parameters; state (m, v, update count) is kept per parameter name.
+
+    The update count is per parameter, so a delta appended late gets a fresh bias
+    correction instead of inheriting the global step's.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.state = {}                   # name -> [m rows, v rows, t]
+
+    def step(self, named_params, lr):
+        """Clip the global gradient norm, update trainable rows, clear grads -> the norm."""
+        cfg = self.cfg
+        live = [(n, p) for n, p in named_params if p.requires_grad and p.grad is not None]
+        total = 0.0
+        for _, p in live:
+            for row in p.grad[p.frozen_rows:]:
+                total += sum(v * v for v in row)
+        norm = math.sqrt(total)
+        clip = min(1.0, cfg.grad_clip / (norm + 1e-12))
+        b1, b2, eps = cfg.beta1, cfg.beta2, cfg.adam_eps
+        c1, c2 = 1.0 - b1, 1.0 - b2
+        sqrt = math.sqrt
+        for name, p in live:
+            st = self.state.get(name)
+            if st is None:
+                st = self.state[name] = [[], [], 0]
+            m, v = st[0], st[1]
+            cols = len(p.data[0])
+            while len(m) < len(p.data):
+                m.append([0.0] * cols)
+                v.append([0.0] * cols)
+            st[2] += 1
+            t = st[2]
+            step_size = lr * sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+            for i in range(p.frozen_rows, len(p.data)):
+                g = p.grad[i]
+                mi = [b1 * a + c1 * clip * x for a, x in zip(m[i], g)]
+                vi = [b2 * a + c2 * (clip * x) ** 2 for a, x in zip(v[i], g)]
+                m[i], v[i] = mi, vi
+                p.data[i] = [w - step_size * a / (sqrt(b) + eps) for w, a, b in zip(p.data[i], mi, vi)]
+        for _, p in named_params:
+            p.grad = None
+        return norm
+
+
 def main(argv=None):
     return 0
 
