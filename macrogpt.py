@@ -19,6 +19,7 @@ Tests:       python -m unittest            (from the repository root)
 import argparse
 import array
 import base64
+import hashlib
 import json
 import math
 import operator
@@ -895,6 +896,197 @@ class Adam:
         for _, p in named_params:
             p.grad = None
         return norm
+
+
+
+# ======================================================================================
+# Checkpoints: one versioned file, written atomically, weights as base64 of float64 arrays.
+# ======================================================================================
+# Layout: a header line "macrogpt-checkpoint <version> <sha256 of body>" then one JSON body.
+# The digest makes a torn or edited file fail loudly instead of loading wrong weights.
+
+CKPT_MAGIC = "macrogpt-checkpoint"
+CKPT_VERSION = 1
+GROWABLE = ("n_embd", "n_layer", "n_head", "delta_rank", "block_size")
+GROW_SCALE = 0.001                        # new weights start this fraction of a fresh init
+
+
+def pack_rows(rows):
+    flat = array.array("d", [v for r in rows for v in r])
+    return {"shape": [len(rows), len(rows[0]) if rows else 0],
+            "data": base64.b64encode(flat.tobytes()).decode("ascii")}
+
+
+def unpack_rows(d, byteorder):
+    n_rows, n_cols = d["shape"]
+    flat = array.array("d")
+    flat.frombytes(base64.b64decode(d["data"]))
+    if byteorder != sys.byteorder:
+        flat.byteswap()
+    if len(flat) != n_rows * n_cols:
+        raise CheckpointError("checkpoint is damaged: a weight block has the wrong size")
+    return [flat[i * n_cols:(i + 1) * n_cols].tolist() for i in range(n_rows)]
+
+
+def atomic_write(path, data):
+    """Write bytes so that a crash at any instant leaves either the old or the new file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_checkpoint(path, model, opt, step, extra=None):
+    """Everything needed to resume: config, step, weights, frozen rows, deltas, Adam state."""
+    params, adam = {}, {}
+    for name, t in model.named_params():
+        entry = pack_rows(t.data)
+        entry["frozen_rows"] = t.frozen_rows
+        params[name] = entry
+        st = opt.state.get(name)
+        if st is not None:
+            adam[name] = {"m": pack_rows(st[0]), "v": pack_rows(st[1]), "t": st[2]}
+    body = {"version": CKPT_VERSION, "byteorder": sys.byteorder, "config": model.cfg.to_dict(),
+            "step": step, "vocab_size": model.vocab_size, "n_deltas": model.n_deltas,
+            "delta_alphas": [d.alpha for d in model.lm_head.deltas],
+            "params": params, "adam": adam, "extra": extra or {}}
+    text = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    header = ("%s %d %s\n" % (CKPT_MAGIC, CKPT_VERSION, hashlib.sha256(text).hexdigest())).encode("ascii")
+    atomic_write(path, header + text)
+
+
+def read_checkpoint(path):
+    """Parse and verify a checkpoint file -> its body dict. Never modifies the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError("cannot read checkpoint %s: %s" % (path, e.strerror or e))
+    head, _, text = raw.partition(b"\n")
+    parts = head.split(b" ")
+    if len(parts) != 3 or parts[0] != CKPT_MAGIC.encode("ascii") or not parts[1].isdigit():
+        raise CheckpointError("%s is not a macrogpt checkpoint (bad header); move it aside to start fresh" % path)
+    version = int(parts[1])
+    if version > CKPT_VERSION:
+        raise CheckpointError("%s was written by a newer macrogpt (checkpoint format %d > %d)"
+                              % (path, version, CKPT_VERSION))
+    if hashlib.sha256(text).hexdigest().encode("ascii") != parts[2]:
+        raise CheckpointError("%s is damaged (truncated or edited: checksum mismatch); move it aside to start fresh" % path)
+    try:
+        return json.loads(text.decode("utf-8"))
+    except ValueError:
+        raise CheckpointError("%s is damaged (body is not valid JSON)" % path)
+
+
+def restore_checkpoint(body, cfg=None, seed=0):
+    """Rebuild (model, opt, step, extra) from a checkpoint body, growing into cfg if it is larger."""
+    try:
+        saved_cfg = Config.from_dict(body["config"])
+        model = GPT(saved_cfg, body["vocab_size"], seed)
+        for alpha in body["delta_alphas"]:
+            model.add_delta()
+            for _, lin in model.linears():
+                lin.deltas[-1].alpha = alpha
+        opt = Adam(saved_cfg)
+        order = body["byteorder"]
+        for name, t in model.named_params():
+            entry = body["params"][name]
+            data = unpack_rows(entry, order)
+            if [len(data), len(data[0])] != [len(t.data), len(t.data[0])]:
+                raise CheckpointError("checkpoint is damaged: %s has the wrong shape" % name)
+            t.data = data
+            if entry["frozen_rows"]:
+                t.freeze(entry["frozen_rows"])
+            st = body["adam"].get(name)
+            if st is not None:
+                opt.state[name] = [unpack_rows(st["m"], order), unpack_rows(st["v"], order), st["t"]]
+        step, extra = body["step"], body.get("extra", {})
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
+    if cfg is not None and cfg != saved_cfg:
+        model, opt = grow_model(model, opt, cfg, seed)
+    return model, opt, step, extra
+
+
+def check_growth(old, new, n_deltas):
+    """Raise CheckpointError naming the field if `new` cannot be grown into from `old`."""
+    for name in GROWABLE:
+        a, b = getattr(old, name), getattr(new, name)
+        if b < a:
+            raise CheckpointError("Config.%s shrank from %d to %d; a trained model only grows "
+                                  "(set it back, or move the checkpoint aside to start fresh)" % (name, a, b))
+    if new.head_dim != old.head_dim:
+        raise CheckpointError("Config.n_head: head_dim changed from %d to %d; grow n_embd and n_head "
+                              "together so n_embd / n_head stays %d" % (old.head_dim, new.head_dim, old.head_dim))
+    if new.tie_embeddings != old.tie_embeddings:
+        raise CheckpointError("Config.tie_embeddings changed; a trained model cannot be re-tied")
+    if new.rope_base != old.rope_base:
+        raise CheckpointError("Config.rope_base changed; the trained attention depends on it")
+    if new.max_delta_modules < n_deltas:
+        raise CheckpointError("Config.max_delta_modules (%d) is below the %d delta modules already trained"
+                              % (new.max_delta_modules, n_deltas))
+
+
+def _embed_rows(old, fresh, scale):
+    """Old values in the top-left of fresh's shape; the rest is fresh * scale."""
+    out = []
+    for i, frow in enumerate(fresh):
+        orow = old[i] if i < len(old) else []
+        out.append(list(orow) + [v * scale for v in frow[len(orow):]])
+    return out
+
+
+def grow_model(model, opt, cfg, seed=0):
+    """A model of the larger cfg whose function is close to `model`'s (see GROW_SCALE)."""
+    old_cfg = model.cfg
+    check_growth(old_cfg, cfg, model.n_deltas)
+    grown = GPT(cfg, model.vocab_size, seed + 1)
+    for d in model.lm_head.deltas:
+        grown.add_delta()
+        for _, lin in grown.linears():
+            lin.deltas[-1].alpha = d.alpha
+    old_params = dict(model.named_params())
+    norm_fix = math.sqrt(old_cfg.n_embd / cfg.n_embd)   # keeps rms-normalized old dims unchanged
+    new_opt = Adam(cfg)
+    for name, t in grown.named_params():
+        old = old_params.get(name)
+        if old is None:                                # a whole new layer: near-identity block
+            if name.endswith((".wo", ".fc2")):
+                t.data = scale_rows(t.data, GROW_SCALE)
+            continue
+        if name.endswith(".A"):
+            scale = 0.0                                # new delta columns stay exact no-ops
+        elif name.endswith(".B"):
+            scale = 1.0
+        else:
+            scale = GROW_SCALE
+        data = _embed_rows(old.data, t.data, scale)
+        if name.endswith(("ln1", "ln2", "lnf")) and norm_fix != 1.0:
+            n = len(old.data[0])
+            data = [[v * norm_fix for v in r[:n]] + r[n:] for r in data]
+        t.data = data
+        if old.frozen_rows:
+            t.freeze(min(old.frozen_rows, len(old.data)))
+        st = opt.state.get(name)
+        if st is not None:
+            zero_m = zeros(len(t.data), len(t.data[0]))
+            new_opt.state[name] = [_embed_rows(st[0], zero_m, 0.0), _embed_rows(st[1], zero_m, 0.0), st[2]]
+    return grown, new_opt
 
 
 def main(argv=None):
