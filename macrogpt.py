@@ -820,7 +820,7 @@ class GPT:
                 if len(ks) > cfg.block_size:
                     del ks[0], vs[0]
                 p = softmax_row([v * sc for v in matmul_prepared([q], ks)[0]])
-                att.extend(sum(map(operator.mul, p, col)) for col in zip(*vs))
+                att.extend(matmul_nt([p], transpose(vs))[0])
             x = list(map(operator.add, x, matmul_prepared([att], wo_w)[0]))
             gv = matmul_prepared([_rmsnorm_row(x, ln2)], gv_w)[0]
             H = len(gv) // 2
@@ -1089,7 +1089,92 @@ def grow_model(model, opt, cfg, seed=0):
     return grown, new_opt
 
 
+
+# ======================================================================================
+# Bench: `python macrogpt.py --bench` measures training, generation and a naive reference.
+# ======================================================================================
+
+def forward_macs_per_token(cfg, vocab_size, T, n_deltas=0):
+    """Multiply-adds of one token's forward pass at sequence length T (attention averaged)."""
+    C, H, r = cfg.n_embd, 4 * cfg.n_embd, cfg.delta_rank
+    shapes = [(C, C)] * 4 + [(H, C), (H, C), (C, H)]          # (out, in) of each block linear
+    per_layer = sum(o * i + n_deltas * r * (o + i) for o, i in shapes)
+    per_layer += (T + 1) * C                                  # q.k and p.v over (T+1)/2 keys
+    head = vocab_size * C + n_deltas * r * (vocab_size + C)
+    return cfg.n_layer * per_layer + head
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def bench_naive_mflops(N, k, M, repeats=3):
+    """The plain sum(map(mul, a, b)) matmul on (N, k) x (M, k): the reference for this machine."""
+    rng = random.Random(0)
+    X = [[rng.random() for _ in range(k)] for _ in range(N)]
+    W = [[rng.random() for _ in range(k)] for _ in range(M)]
+    mul, times = operator.mul, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        [[sum(map(mul, x, w)) for w in W] for x in X]
+        times.append(time.perf_counter() - t0)
+    return 2.0 * N * k * M / _median(times) / 1e6
+
+
+def bench_model(cfg, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, out=print):
+    rng = random.Random(0)
+    model = GPT(cfg, N_BASE_VOCAB, seed=0)
+    opt = Adam(cfg)
+    rates = []
+    for i in range(steps + 1):                                # the first step is a warm-up
+        seqs = [[rng.randrange(N_BASE_VOCAB) for _ in range(T + 1)] for _ in range(n_seq)]
+        t0 = time.perf_counter()
+        loss = model.loss([s[:-1] for s in seqs], [s[1:] for s in seqs])
+        loss.backward()
+        opt.step(model.named_params(), lr_at(i, cfg))
+        model.touch()
+        dt = time.perf_counter() - t0
+        if i:
+            rates.append(n_seq * T / dt)
+            out("train step %d/%d | loss %.3f | %.0f tok/s" % (i, steps, loss.data[0][0], rates[-1]))
+    cache = model.new_cache()
+    for tok in [rng.randrange(N_BASE_VOCAB) for _ in range(prompt_tokens)]:
+        logits = model.step(cache, tok)
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens):
+        logits = model.step(cache, max(range(len(logits)), key=logits.__getitem__))
+    gen_rate = gen_tokens / (time.perf_counter() - t0)
+    return {"train_tokens_per_s": round(_median(rates), 1), "gen_tokens_per_s": round(gen_rate, 1),
+            "params": model.num_params(),
+            "train_flops_per_token": 3 * 2 * forward_macs_per_token(cfg, N_BASE_VOCAB, T)}
+
+
+def run_bench(cfg, out=print):
+    t0 = time.perf_counter()
+    result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
+              "kernel": "math.dist" if _dist is not None else "sum(map(mul))"}
+    result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
+    result.update(bench_model(cfg, out=out))
+    result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
+    result["bench_seconds"] = round(time.perf_counter() - t0, 1)
+    out("python %s | kernel %s | %d params" % (result["python"], result["kernel"], result["params"]))
+    out("train %.0f tok/s (%.0f MFLOP/s) | generate %.0f tok/s | naive matmul %.0f MFLOP/s"
+        % (result["train_tokens_per_s"], result["train_mflops"], result["gen_tokens_per_s"],
+           result["naive_mflops"]))
+    out(json.dumps(result, sort_keys=True))
+    return result
+
+
 def main(argv=None):
+    parser = argparse.ArgumentParser(prog="macrogpt", description="A small GPT that chats and keeps learning.")
+    parser.add_argument("--bench", action="store_true", help="measure training and generation speed")
+    parser.add_argument("--version", action="version", version="macrogpt " + VERSION)
+    args = parser.parse_args(argv)
+    if args.bench:
+        run_bench(Config())
+        return 0
     return 0
 
 
