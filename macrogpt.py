@@ -951,7 +951,7 @@ def atomic_write(path, data):
             os.close(dfd)
 
 
-def save_checkpoint(path, model, opt, step, extra=None):
+def checkpoint_bytes(model, opt, step, extra=None):
     """Everything needed to resume: config, step, weights, frozen rows, deltas, Adam state."""
     params, adam = {}, {}
     for name, t in model.named_params():
@@ -966,31 +966,40 @@ def save_checkpoint(path, model, opt, step, extra=None):
             "delta_alphas": [d.alpha for d in model.lm_head.deltas],
             "params": params, "adam": adam, "extra": extra or {}}
     text = json.dumps(body, separators=(",", ":")).encode("utf-8")
-    header = ("%s %d %s\n" % (CKPT_MAGIC, CKPT_VERSION, hashlib.sha256(text).hexdigest())).encode("ascii")
-    atomic_write(path, header + text)
+    header = "%s %d %s\n" % (CKPT_MAGIC, CKPT_VERSION, hashlib.sha256(text).hexdigest())
+    return header.encode("ascii") + text
+
+
+def save_checkpoint(path, model, opt, step, extra=None):
+    atomic_write(path, checkpoint_bytes(model, opt, step, extra))
+
+
+def parse_checkpoint(raw, name="checkpoint"):
+    """Verify and decode checkpoint bytes -> the body dict."""
+    head, _, text = raw.partition(b"\n")
+    parts = head.split(b" ")
+    if len(parts) != 3 or parts[0] != CKPT_MAGIC.encode("ascii") or not parts[1].isdigit():
+        raise CheckpointError("%s is not a macrogpt checkpoint (bad header); move it aside to start fresh" % name)
+    version = int(parts[1])
+    if version > CKPT_VERSION:
+        raise CheckpointError("%s was written by a newer macrogpt (checkpoint format %d > %d)"
+                              % (name, version, CKPT_VERSION))
+    if hashlib.sha256(text).hexdigest().encode("ascii") != parts[2]:
+        raise CheckpointError("%s is damaged (truncated or edited: checksum mismatch); move it aside to start fresh" % name)
+    try:
+        return json.loads(text.decode("utf-8"))
+    except ValueError:
+        raise CheckpointError("%s is damaged (body is not valid JSON)" % name)
 
 
 def read_checkpoint(path):
-    """Parse and verify a checkpoint file -> its body dict. Never modifies the file."""
+    """Read and verify a checkpoint file -> its body dict. Never modifies the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise CheckpointError("cannot read checkpoint %s: %s" % (path, e.strerror or e))
-    head, _, text = raw.partition(b"\n")
-    parts = head.split(b" ")
-    if len(parts) != 3 or parts[0] != CKPT_MAGIC.encode("ascii") or not parts[1].isdigit():
-        raise CheckpointError("%s is not a macrogpt checkpoint (bad header); move it aside to start fresh" % path)
-    version = int(parts[1])
-    if version > CKPT_VERSION:
-        raise CheckpointError("%s was written by a newer macrogpt (checkpoint format %d > %d)"
-                              % (path, version, CKPT_VERSION))
-    if hashlib.sha256(text).hexdigest().encode("ascii") != parts[2]:
-        raise CheckpointError("%s is damaged (truncated or edited: checksum mismatch); move it aside to start fresh" % path)
-    try:
-        return json.loads(text.decode("utf-8"))
-    except ValueError:
-        raise CheckpointError("%s is damaged (body is not valid JSON)" % path)
+    return parse_checkpoint(raw, path)
 
 
 def restore_checkpoint(body, cfg=None, seed=0):
@@ -1019,7 +1028,11 @@ def restore_checkpoint(body, cfg=None, seed=0):
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
     if cfg is not None and cfg != saved_cfg:
-        model, opt = grow_model(model, opt, cfg, seed)
+        if all(getattr(cfg, f) == getattr(saved_cfg, f) for f in GROWABLE):
+            check_growth(saved_cfg, cfg, model.n_deltas)       # shapes equal: only knobs changed
+            model.cfg = opt.cfg = cfg
+        else:
+            model, opt = grow_model(model, opt, cfg, seed)
     return model, opt, step, extra
 
 
