@@ -20,11 +20,13 @@ import argparse
 import array
 import base64
 import hashlib
+import heapq
 import json
 import math
 import operator
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -623,10 +625,208 @@ def linear(x, mods):
 
 
 # ======================================================================================
+# Tokenizer: byte-level BPE whose vocabulary only grows, so no trained weight is invalidated.
+# ======================================================================================
+# Ids 0..255 are the bytes, then BOS, EOS, PAD, then one id per merge in the order learned.
+# A merge (a, b) -> n joins two adjacent tokens; its rank is its id, and a retrain only
+# appends merges, so every existing id keeps exactly its byte string forever.
+#
+# Text that is not valid UTF-8 (stray bytes from a file or a pipe) follows one rule: the
+# bytes are kept as they are (Python's surrogateescape), trained on and stored unchanged,
+# and only the screen shows them as U+FFFD.
+#
+# Pre-segmentation keeps merges inside pieces: a run of letters (any script), of digits,
+# of punctuation, or of whitespace; a single leading space joins the following piece, as
+# in GPT-2, so " cat" is one piece and the model learns words with their left space.
+
+BOS, EOS, PAD = 256, 257, 258
+N_BASE_VOCAB = 259
+SPECIAL_NAMES = {BOS: "<BOS>", EOS: "<EOS>", PAD: "<PAD>"}
+TOKENIZER_VERSION = 1
+
+PIECE_RE = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+")
+
+
+def text_to_bytes(text):
+    """str -> UTF-8 bytes; stray bytes carried as surrogates come back as the original bytes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:                 # a lone surrogate typed in by hand
+        return text.encode("utf-8", "surrogatepass")
+
+
+def bytes_to_text(data):
+    """bytes -> str, losslessly (invalid bytes become surrogates; text_to_bytes reverses it)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def split_pieces(text):
+    """'Hi, 世界!' -> ['Hi', ',', ' 世界', '!']; the pieces always join back to text."""
+    return PIECE_RE.findall(text)
+
+
+def _merge_pair(ids, pair, new_id):
+    """[1, 2, 3, 1, 2], (1, 2), 9 -> [9, 3, 9]"""
+    out, i, n = [], 0, len(ids)
+    a, b = pair
+    while i < n:
+        if i < n - 1 and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _count_pairs(ids, weight, counts):
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+
+
+class Tokenizer:
+    def __init__(self, merges=()):
+        self.merges = []                       # [(a, b)], rank order; merge i makes id 259 + i
+        self.ranks = {}                        # (a, b) -> new id
+        self.vocab = [bytes([i]) for i in range(256)] + [b"", b"", b""]
+        self._cache = {}                       # piece bytes -> ids
+        for a, b in merges:
+            self._append_merge((a, b))
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def _append_merge(self, pair):
+        a, b = pair
+        if not (0 <= a < len(self.vocab) and 0 <= b < len(self.vocab)) or a in SPECIAL_NAMES or b in SPECIAL_NAMES:
+            raise ValueError("merge %r refers to an unknown or special token" % (pair,))
+        new_id = len(self.vocab)
+        self.merges.append(pair)
+        self.ranks[pair] = new_id
+        self.vocab.append(self.vocab[a] + self.vocab[b])
+        return new_id
+
+    # -- encoding ------------------------------------------------------------------------
+    def _encode_piece(self, piece):
+        ids = self._cache.get(piece)
+        if ids is None:
+            ids = list(piece)
+            ranks = self.ranks
+            while len(ids) > 1:
+                best = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, 1 << 62))
+                if best not in ranks:
+                    break
+                ids = _merge_pair(ids, best, ranks[best])
+            if len(self._cache) > 200000:          # bound memory on endless novel input
+                self._cache.clear()
+            self._cache[piece] = ids
+        return ids
+
+    def encode(self, text):
+        """str -> ids (no BOS/EOS added)."""
+        out = []
+        for piece in split_pieces(text):
+            out.extend(self._encode_piece(text_to_bytes(piece)))
+        return out
+
+    def encode_bytes(self, data):
+        return self.encode(bytes_to_text(data))
+
+    def token_bytes(self, i):
+        return self.vocab[i]
+
+    def decode_bytes(self, ids):
+        """ids -> the exact bytes; special tokens contribute nothing."""
+        return b"".join(self.vocab[i] for i in ids)
+
+    def decode(self, ids):
+        """ids -> text for the screen: invalid UTF-8 shows as U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", "replace")
+
+    # -- training: appends merges, never changes an existing one ---------------------------
+    def train(self, lines, num_merges):
+        """Learn up to num_merges new merges from lines on top of the current ones -> new ids.
+
+        Pairs are counted over unique pieces weighted by frequency, each already encoded
+        with the current merges; after a merge only the pieces that held the pair are
+        recounted. A merge is learned only while some pair occurs at least twice. Ties go
+        to the smallest pair, so training is deterministic.
+        """
+        freq = {}
+        for line in lines:
+            for piece in split_pieces(line):
+                key = text_to_bytes(piece)
+                freq[key] = freq.get(key, 0) + 1
+        words = [list(self._encode_piece(p)) for p in freq]
+        weights = list(freq.values())
+        counts, where = {}, {}
+        for wi, ids in enumerate(words):
+            for pair in zip(ids, ids[1:]):
+                counts[pair] = counts.get(pair, 0) + weights[wi]
+                where.setdefault(pair, set()).add(wi)
+        heap = [(-c, pair) for pair, c in counts.items()]
+        heapq.heapify(heap)
+        added = []
+        while len(added) < num_merges and heap:
+            neg, pair = heapq.heappop(heap)
+            if counts.get(pair, 0) != -neg:
+                continue                                   # stale entry
+            if -neg < 2:
+                break
+            new_id = self._append_merge(pair)
+            added.append(new_id)
+            changed = set()
+            for wi in where.pop(pair, ()):
+                old = words[wi]
+                new = _merge_pair(old, pair, new_id)
+                if new == old:
+                    continue
+                w = weights[wi]
+                for p in zip(old, old[1:]):
+                    counts[p] -= w
+                    changed.add(p)
+                for p in zip(new, new[1:]):
+                    counts[p] = counts.get(p, 0) + w
+                    where.setdefault(p, set()).add(wi)
+                    changed.add(p)
+                words[wi] = new
+            counts.pop(pair, None)
+            for p in changed:
+                c = counts.get(p, 0)
+                if c > 0 and p != pair:
+                    heapq.heappush(heap, (-c, p))
+        if added:
+            self._cache.clear()
+        return added
+
+    # -- persistence -----------------------------------------------------------------------
+    def to_dict(self):
+        return {"version": TOKENIZER_VERSION, "bos": BOS, "eos": EOS, "pad": PAD,
+                "merges": [list(m) for m in self.merges]}
+
+    @classmethod
+    def from_dict(cls, d):
+        if d.get("version") != TOKENIZER_VERSION or (d.get("bos"), d.get("eos"), d.get("pad")) != (BOS, EOS, PAD):
+            raise CheckpointError("tokenizer state has an unknown format (version %r)" % d.get("version"))
+        try:
+            return cls([tuple(m) for m in d["merges"]])
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError("tokenizer state is damaged: %s" % e)
+
+
+def format_tokenization(tok, text):
+    """One line per token: id and the bytes it stands for (what --tokenize prints)."""
+    ids = tok.encode(text)
+    lines = ["%d tokens for %d bytes (vocab %d)" % (len(ids), len(text_to_bytes(text)), tok.vocab_size)]
+    for i in ids:
+        lines.append("%6d  %r" % (i, tok.token_bytes(i).decode("utf-8", "replace")))
+    return "\n".join(lines)
+
+
+# ======================================================================================
 # Model: a pre-norm GPT with RoPE, SwiGLU and tied embeddings, every linear carrying deltas.
 # ======================================================================================
-
-N_BASE_VOCAB = 259                        # 256 bytes + BOS, EOS, PAD (the tokenizer's bootstrap)
 
 LINEAR_NAMES = ("wq", "wk", "wv", "wo", "fc_g", "fc_v", "fc2")
 
