@@ -19,6 +19,7 @@ Tests:       python -m unittest            (from the repository root)
 import argparse
 import array
 import base64
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -1301,6 +1302,291 @@ def grow_model(model, opt, cfg, seed=0):
             new_opt.state[name] = [_embed_rows(st[0], zero_m, 0.0), _embed_rows(st[1], zero_m, 0.0), st[2]]
     return grown, new_opt
 
+
+
+# ======================================================================================
+# Sampler: small pure filters over a probability list, chained, then one seeded draw.
+# ======================================================================================
+# Every filter takes probabilities (zeros for excluded tokens) and returns a renormalized
+# list of the same length. None of them can empty the set: the most likely token survives.
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "entropy_low", "entropy_high",
+                 "entropy_temp_boost", "entropy_temp_focus", "repetition_guard", "min_gen_tokens",
+                 "max_gen_tokens")
+
+
+def normalize(probs):
+    total = sum(probs)
+    if total <= 0:                                     # nothing left: fall back to uniform
+        return [1.0 / len(probs)] * len(probs)
+    return [p / total for p in probs]
+
+
+def softmax(logits, temperature=1.0):
+    m = max(logits)
+    e = [math.exp((v - m) / temperature) for v in logits]
+    total = sum(e)
+    return [v / total for v in e]
+
+
+def entropy(probs):
+    """Shannon entropy in nats."""
+    return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def apply_temperature(probs, temperature):
+    """p^(1/T), renormalized: the same as dividing logits by T."""
+    if temperature == 1.0:
+        return list(probs)
+    inv = 1.0 / temperature
+    top = max(probs)
+    return normalize([(p / top) ** inv if p > 0 else 0.0 for p in probs])
+
+
+def adaptive_temperature(probs, temperature, s):
+    """Boost the temperature on peaked distributions, focus it on flat ones (s: settings)."""
+    h = entropy(probs)
+    if h < s.entropy_low:
+        return temperature * s.entropy_temp_boost
+    if h > s.entropy_high:
+        return temperature * s.entropy_temp_focus
+    return temperature
+
+
+def _keep(probs, kept):
+    out = [0.0] * len(probs)
+    for i in kept:
+        out[i] = probs[i]
+    return normalize(out)
+
+
+def filter_min_p(probs, min_p):
+    """Drop tokens below min_p * max p (0 disables)."""
+    if min_p <= 0:
+        return list(probs)
+    threshold = min_p * max(probs)
+    return _keep(probs, [i for i, p in enumerate(probs) if p >= threshold and p > 0])
+
+
+def filter_typical(probs, typical_p):
+    """Keep tokens in order of |-log p - H| until their mass reaches typical_p (1 disables)."""
+    if typical_p >= 1:
+        return list(probs)
+    h = entropy(probs)
+    order = sorted((i for i, p in enumerate(probs) if p > 0), key=lambda i: (abs(-math.log(probs[i]) - h), i))
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += probs[i]
+        if mass >= typical_p:
+            break
+    return _keep(probs, kept)
+
+
+def filter_top_k(probs, k):
+    """Keep the k most likely tokens, ties to the lower id (0 disables)."""
+    if k <= 0:
+        return list(probs)
+    order = sorted((i for i, p in enumerate(probs) if p > 0), key=lambda i: (-probs[i], i))
+    return _keep(probs, order[:k])
+
+
+def filter_top_p(probs, top_p):
+    """Nucleus: the most likely tokens until their mass reaches top_p (1 disables)."""
+    if top_p >= 1:
+        return list(probs)
+    order = sorted((i for i, p in enumerate(probs) if p > 0), key=lambda i: (-probs[i], i))
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += probs[i]
+        if mass >= top_p:
+            break
+    return _keep(probs, kept)
+
+
+def repetition_blocklist(history, n):
+    """Tokens that would complete an n-gram already present in history (n < 2 disables).
+
+    [5, 6, 7, 5, 6], n=3 -> {7}: the last two tokens (5, 6) were once followed by 7.
+    """
+    if n < 2 or len(history) < n:
+        return set()
+    tail = tuple(history[len(history) - n + 1:])
+    return {history[i + n - 1] for i in range(len(history) - n + 1)
+            if tuple(history[i:i + n - 1]) == tail}
+
+
+class Sampler:
+    """temperature (entropy-adaptive) -> min_p -> typical_p -> top_k -> top_p -> seeded draw."""
+
+    def __init__(self, settings, seed=0):
+        self.s = settings                             # a Config (or anything with its fields)
+        self.rng = random.Random(seed)
+
+    def filtered(self, probs, history=()):
+        s = self.s
+        blocked = repetition_blocklist(list(history), s.repetition_guard)
+        if blocked:
+            masked = [0.0 if i in blocked else p for i, p in enumerate(probs)]
+            if sum(masked) > 0:                       # never block every candidate
+                probs = normalize(masked)
+        probs = apply_temperature(probs, adaptive_temperature(probs, s.temperature, s))
+        probs = filter_min_p(probs, s.min_p)
+        probs = filter_typical(probs, s.typical_p)
+        probs = filter_top_k(probs, s.top_k)
+        return filter_top_p(probs, s.top_p)
+
+    def sample(self, probs, history=()):
+        probs = self.filtered(probs, history)
+        r = self.rng.random()
+        acc = 0.0
+        last = 0
+        for i, p in enumerate(probs):
+            if p > 0:
+                acc += p
+                last = i
+                if r < acc:
+                    return i
+        return last
+
+
+def validate_setting(cfg, name, text):
+    """'/set top_k 20' -> a new Config, or MacroError with a one-line reason."""
+    if name not in SAMPLING_KEYS:
+        raise MacroError("unknown setting %r; choose one of: %s" % (name, ", ".join(SAMPLING_KEYS)))
+    kind = type(getattr(cfg, name))
+    try:
+        value = kind(text)
+    except ValueError:
+        raise MacroError("%s needs a%s number, got %r" % (name, "n integer" if kind is int else "", text))
+    if kind is float and not math.isfinite(value):
+        raise MacroError("%s must be a finite number" % name)
+    try:
+        return dataclasses.replace(cfg, **{name: value})
+    except ConfigError as e:
+        raise MacroError(str(e))
+
+
+
+# ======================================================================================
+# Corpus field: an interpolated Kneser-Ney n-gram model over tokens that speaks from second one.
+# ======================================================================================
+# Order-k counts: the top order uses raw counts c(h w); lower orders use continuation
+# counts N1+(. h w), the number of distinct tokens seen before h w. Each order mixes in
+# the one below it:
+#     P_k(w | h) = max(c(h w) - D, 0) / c(h) + D * types(h) / c(h) * P_{k-1}(w | h')
+# and P_0 is uniform over the vocabulary. An unseen context h passes P_{k-1} through.
+# Every count is updated per added n-gram, so incremental adds equal a rebuild exactly.
+
+class NGramField:
+    def __init__(self, order, vocab_size, discount=0.75):
+        self.order = order
+        self.vocab_size = vocab_size
+        self.discount = discount
+        self.clear()
+
+    def clear(self):
+        # tables[k][context tuple of k-1 tokens] = {token: count}; totals mirror the sums
+        self.tables = [None] + [{} for _ in range(self.order)]
+        self.totals = [None] + [{} for _ in range(self.order)]
+        self.seen = [None] + [set() for _ in range(self.order)]   # raw k-grams ever added (k >= 2)
+        self.n_tokens = 0
+
+    def _bump(self, k, gram):
+        ctx, w = gram[:-1], gram[-1]
+        row = self.tables[k].setdefault(ctx, {})
+        row[w] = row.get(w, 0) + 1
+        self.totals[k][ctx] = self.totals[k].get(ctx, 0) + 1
+
+    def add(self, ids):
+        """Count one line of token ids, framed by BOS padding and a closing EOS."""
+        N = self.order
+        seq = [BOS] * (N - 1) + list(ids) + [EOS]
+        for i in range(N - 1, len(seq)):
+            for k in range(2, N + 1):
+                gram = tuple(seq[i - k + 1:i + 1])
+                if gram not in self.seen[k]:
+                    self.seen[k].add(gram)
+                    self._bump(k - 1, gram[1:])               # a new left extension of gram[1:]
+            self._bump(N, tuple(seq[i - N + 1:i + 1]))
+        self.n_tokens += len(ids) + 1
+
+    def rebuild(self, seqs):
+        self.clear()
+        for ids in seqs:
+            self.add(ids)
+
+    def grow_vocab(self, vocab_size):
+        self.vocab_size = max(self.vocab_size, vocab_size)
+
+    def _context(self, context):
+        N = self.order
+        ctx = [BOS] * (N - 1) + list(context[-(N - 1):] if N > 1 else [])
+        return tuple(ctx[len(ctx) - (N - 1):]) if N > 1 else ()
+
+    def probs(self, context):
+        """P(. | last order-1 tokens of context) over the whole vocabulary; sums to 1."""
+        full = self._context(context)
+        D, V = self.discount, self.vocab_size
+        p = [1.0 / V] * V
+        for k in range(1, self.order + 1):
+            ctx = full[len(full) - (k - 1):] if k > 1 else ()
+            row = self.tables[k].get(ctx)
+            if not row:
+                continue
+            total = self.totals[k][ctx]
+            gamma = D * len(row) / total
+            p = [gamma * v for v in p]
+            for w, c in row.items():
+                p[w] += (c - D) / total
+        return p
+
+    def prob(self, context, token):
+        """P(token | context), the same recursion for one token."""
+        full = self._context(context)
+        D = self.discount
+        p = 1.0 / self.vocab_size
+        for k in range(1, self.order + 1):
+            ctx = full[len(full) - (k - 1):] if k > 1 else ()
+            row = self.tables[k].get(ctx)
+            if not row:
+                continue
+            total = self.totals[k][ctx]
+            p = D * len(row) / total * p + max(row.get(token, 0) - D, 0.0) / total
+        return p
+
+    def novelty(self, ids, n=3):
+        """Share of the line's n-grams (n = min(3, order)) the field has never counted."""
+        n = min(n, self.order)
+        seq = [BOS] * (n - 1) + list(ids) + [EOS]
+        grams = [tuple(seq[i - n + 1:i + 1]) for i in range(n - 1, len(seq))]
+        if n == 1:
+            unigrams = self.tables[1].get((), {})
+            return sum(1 for g in grams if g[0] not in unigrams) / len(grams)
+        return sum(1 for g in grams if g not in self.seen[n]) / len(grams)
+
+
+def mix(p_model, p_field, lam):
+    """lam * p_model + (1 - lam) * p_field."""
+    mu = 1.0 - lam
+    return [lam * a + mu * b for a, b in zip(p_model, p_field)]
+
+
+LAMBDA_GRID = [i / 20 for i in range(21)]
+
+
+def best_lambda(pairs):
+    """The mixing weight that minimizes held-out NLL, from (p_model, p_field) of each true token."""
+    if not pairs:
+        return 0.0
+    def nll(lam):
+        return -sum(math.log(max(lam * a + (1 - lam) * b, 1e-300)) for a, b in pairs)
+    return min(LAMBDA_GRID, key=nll)
+
+
+def bits_per_byte(nll_nats, n_bytes):
+    return nll_nats / math.log(2) / max(1, n_bytes)
 
 
 # ======================================================================================
