@@ -28,6 +28,7 @@ import operator
 import os
 import random
 import re
+import sqlite3
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -147,6 +148,8 @@ class Config:
                 raise ConfigError("Config.%s must be >= 0, got %r" % (name, getattr(self, name)))
         if not self.entropy_low <= self.entropy_high:
             raise ConfigError("Config.entropy_low must not exceed entropy_high")
+        if self.heldout_every < 2:
+            raise ConfigError("Config.heldout_every must be at least 2 (1 would hold out every line)")
         if self.forget_tolerance < 0 or self.qb_cooldown_seconds < 0:
             raise ConfigError("Config.forget_tolerance and qb_cooldown_seconds must be >= 0")
 
@@ -1587,6 +1590,190 @@ def best_lambda(pairs):
 
 def bits_per_byte(nll_nats, n_bytes):
     return nll_nats / math.log(2) / max(1, n_bytes)
+
+
+# ======================================================================================
+# Memory: one SQLite file holds the conversation, the living corpus, events and the growth log.
+# ======================================================================================
+# Text is stored as UTF-8 BLOBs made by text_to_bytes, so stray bytes from a pipe survive a
+# round trip that SQLite's TEXT type would refuse. Every statement is parameterized.
+
+class MemoryStoreError(MacroError):
+    pass
+
+
+MEMORY_VERSION = 1
+SCHEMA = """
+CREATE TABLE messages (id INTEGER PRIMARY KEY, time REAL NOT NULL, role TEXT NOT NULL, text BLOB NOT NULL);
+CREATE TABLE corpus (id INTEGER PRIMARY KEY, line BLOB NOT NULL UNIQUE, source TEXT NOT NULL, time REAL NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE growth (id INTEGER PRIMARY KEY, time REAL NOT NULL, step INTEGER, vocab INTEGER,
+                     params INTEGER, deltas INTEGER, loss REAL, heldout_bpb REAL, tokens_per_s REAL,
+                     note TEXT);
+CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+GROWTH_FIELDS = ("step", "vocab", "params", "deltas", "loss", "heldout_bpb", "tokens_per_s", "note")
+
+
+class Memory:
+    def __init__(self, path):
+        self.path = path
+        created = not os.path.exists(path)
+        if created:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except OSError as e:
+                raise MemoryStoreError("cannot create database %s: %s" % (path, e.strerror or e))
+        try:
+            self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise MemoryStoreError("cannot open database %s: %s" % (path, e))
+        try:
+            self._check_and_migrate(path)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_and_migrate(self, path):
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))
+        if version > MEMORY_VERSION:
+            raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
+        if version == 0 and tables:
+            raise MemoryStoreError("%s is an SQLite file but not a macrogpt database; pass another --db" % path)
+        try:
+            self.db.execute("PRAGMA busy_timeout = 5000")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            if version == 0:
+                with self.transaction():
+                    for stmt in SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+                    self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
+        except sqlite3.Error as e:
+            raise MemoryStoreError("cannot use database %s: %s" % (path, e))
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    def close(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    # -- conversation ------------------------------------------------------------------------
+    def add_message(self, role, text):
+        with self.transaction():
+            self.db.execute("INSERT INTO messages (time, role, text) VALUES (?, ?, ?)",
+                            (time.time(), role, text_to_bytes(text)))
+
+    def recent_messages(self, n):
+        rows = self.db.execute("SELECT role, text FROM messages ORDER BY id DESC LIMIT ?", (n,)).fetchall()
+        return [(role, bytes_to_text(bytes(text))) for role, text in reversed(rows)]
+
+    def message_count(self):
+        return self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    # -- living corpus -----------------------------------------------------------------------
+    def add_corpus_lines(self, lines, source):
+        """Insert lines not already present -> how many were new."""
+        now, added = time.time(), 0
+        with self.transaction():
+            for line in lines:
+                cur = self.db.execute("INSERT OR IGNORE INTO corpus (line, source, time) VALUES (?, ?, ?)",
+                                      (text_to_bytes(line), source, now))
+                added += cur.rowcount
+        return added
+
+    def corpus_lines(self):
+        return [bytes_to_text(bytes(r[0])) for r in self.db.execute("SELECT line FROM corpus ORDER BY id")]
+
+    def corpus_stats(self):
+        lines, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(line)), 0) FROM corpus").fetchone()
+        chat = self.db.execute("SELECT COUNT(*) FROM corpus WHERE source = 'chat'").fetchone()[0]
+        return {"lines": lines, "bytes": size, "chat_lines": chat}
+
+    def prune_corpus(self, max_lines, rng):
+        """Keep the newest half of max_lines and a random sample of the older lines -> removed."""
+        ids = [r[0] for r in self.db.execute("SELECT id FROM corpus ORDER BY id")]
+        if len(ids) <= max_lines:
+            return 0
+        newest = max_lines // 2
+        older = ids[:len(ids) - newest]
+        keep_old = set(rng.sample(older, max_lines - newest))
+        drop = [(i,) for i in older if i not in keep_old]
+        with self.transaction():
+            self.db.executemany("DELETE FROM corpus WHERE id = ?", drop)
+        self.log_event("prune", "removed %d of %d corpus lines" % (len(drop), len(ids)))
+        return len(drop)
+
+    # -- logs and small state ------------------------------------------------------------------
+    def log_event(self, kind, detail):
+        with self.transaction():
+            self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, detail))
+
+    def log_growth(self, **row):
+        values = [row.get(k) for k in GROWTH_FIELDS]
+        with self.transaction():
+            self.db.execute("INSERT INTO growth (time, %s) VALUES (?, %s)" % (", ".join(GROWTH_FIELDS),
+                            ", ".join("?" * len(GROWTH_FIELDS))), [time.time()] + values)
+
+    def growth_rows(self):
+        cur = self.db.execute("SELECT %s FROM growth ORDER BY id" % ", ".join(GROWTH_FIELDS))
+        return [dict(zip(GROWTH_FIELDS, r)) for r in cur]
+
+    def rejected_bursts(self):
+        return self.db.execute("SELECT COUNT(*) FROM growth WHERE note LIKE 'rejected%'").fetchone()[0]
+
+    def get_state(self, key, default=None):
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_state(self, key, value):
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+
+class _Transaction:
+    """BEGIN ... COMMIT, or ROLLBACK if the block raises (the connection is in autocommit mode)."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, tb):
+        self.db.execute("ROLLBACK" if kind else "COMMIT")
+        return False
+
+
+def read_corpus_file(path):
+    """The seed corpus: one utterance per non-blank line, stray bytes kept (surrogateescape)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise MacroError("cannot read corpus %s: %s" % (path, e.strerror or e))
+    lines = [line.strip() for line in bytes_to_text(raw).splitlines()]
+    return [line for line in lines if line]
+
+
+def split_heldout(lines, every):
+    """Every `every`-th line (1-based) is held out -> (train, heldout)."""
+    train, heldout = [], []
+    for i, line in enumerate(lines, 1):
+        (heldout if i % every == 0 else train).append(line)
+    return train, heldout
+
+
+def turn_to_corpus_lines(user, reply):
+    """A conversation turn in the corpus's own format."""
+    return ["H: " + " ".join(user.split()), "A: " + " ".join(reply.split())]
+
 
 
 # ======================================================================================
