@@ -18,18 +18,22 @@ Tests:       python -m unittest            (from the repository root)
 
 import argparse
 import array
+import asyncio
 import base64
 import dataclasses
 import hashlib
 import heapq
 import json
 import math
+import multiprocessing
 import operator
 import os
 import random
 import re
+import signal
 import sqlite3
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -1777,6 +1781,826 @@ def turn_to_corpus_lines(user, reply):
 
 
 # ======================================================================================
+# Brain: the network, its optimizer and tokenizer, and the progress that travels with them.
+# ======================================================================================
+
+class Brain:
+    def __init__(self, model, opt, step, tok, progress):
+        self.model = model
+        self.opt = opt
+        self.step = step                          # global optimizer step (drives the LR schedule)
+        self.tok = tok
+        self.progress = progress                  # JSON-able dict; see new_progress()
+
+    @staticmethod
+    def new_progress():
+        return {"warmup_done": False, "bpe_chars": 0, "lambda": 0.0, "bursts": 0,
+                "loss": None, "tokens_per_s": None, "heldout": None}
+
+    @classmethod
+    def fresh(cls, cfg, seed=0):
+        return cls(GPT(cfg, N_BASE_VOCAB, seed), Adam(cfg), 0, Tokenizer(), cls.new_progress())
+
+    @classmethod
+    def from_body(cls, body, cfg=None, seed=0):
+        model, opt, step, extra = restore_checkpoint(body, cfg, seed)
+        if "tokenizer" not in extra:
+            raise CheckpointError("checkpoint has no tokenizer state")
+        tok = Tokenizer.from_dict(extra["tokenizer"])
+        if tok.vocab_size != model.vocab_size:
+            raise CheckpointError("checkpoint is inconsistent: tokenizer has %d ids, model %d rows"
+                                  % (tok.vocab_size, model.vocab_size))
+        progress = cls.new_progress()
+        progress.update(extra.get("progress", {}))
+        return cls(model, opt, step, tok, progress)
+
+    @classmethod
+    def load(cls, path, cfg=None, seed=0):
+        return cls.from_body(read_checkpoint(path), cfg, seed)
+
+    def to_bytes(self):
+        extra = {"tokenizer": self.tok.to_dict(), "progress": self.progress}
+        return checkpoint_bytes(self.model, self.opt, self.step, extra)
+
+    def save(self, path):
+        atomic_write(path, self.to_bytes())
+
+
+# ======================================================================================
+# Training jobs: pure functions from checkpoint bytes to checkpoint bytes, run in a worker.
+# ======================================================================================
+# The trainer sends a job (the brain as checkpoint bytes, the token windows, the number of
+# steps) to a worker process, so training and chat use different cores and the prompt never
+# waits on a training step. The worker keeps no state: whatever it returns, the caller may
+# adopt or throw away, which is also how a burst is rolled back.
+
+def sample_windows(stream, n, length, rng, recent_from=None):
+    """n windows of `length` + 1 tokens from the stream; if recent_from is set, half start there."""
+    length = min(length, len(stream) - 1)
+    out = []
+    for i in range(n):
+        lo = 0
+        if recent_from is not None and i % 2 == 0:
+            lo = max(0, min(recent_from, len(stream) - length - 1))
+        start = rng.randint(lo, len(stream) - length - 1)
+        out.append(stream[start:start + length + 1])
+    return out
+
+
+def heldout_windows(stream, length):
+    """Consecutive, non-overlapping windows covering the stream; each predicts all but its first token."""
+    return [stream[i:i + length + 1] for i in range(0, max(1, len(stream) - 1), length)
+            if len(stream[i:i + length + 1]) > 1]
+
+
+def target_probs(model, windows):
+    """Network probability of every true next token in the windows, in stream order."""
+    out = []
+    for w in windows:
+        cache = model.new_cache()
+        for cur, nxt in zip(w, w[1:]):
+            out.append(softmax(model.step(cache, cur))[nxt])
+    return out
+
+
+def run_job(job):
+    """Worker entry point: optionally append a delta, train, and score held-out windows."""
+    t0 = time.perf_counter()
+    brain = Brain.from_body(parse_checkpoint(job["ckpt"]), seed=job.get("seed", 0))
+    model, cfg = brain.model, brain.model.cfg
+    result = {"losses": [], "before": None, "after": None}
+    if job.get("score_before"):
+        result["before"] = target_probs(model, job["heldout"])
+    if job.get("freeze"):
+        model.freeze_base()
+    if job.get("add_delta"):
+        model.add_delta()
+    rng = random.Random(job.get("seed", 0) + brain.step)
+    for _ in range(job.get("steps", 0)):
+        seqs = sample_windows(job["stream"], cfg.batch_size, cfg.seq_len, rng, job.get("recent_from"))
+        n = min(len(s) for s in seqs)
+        seqs = [s[:n] for s in seqs]
+        loss = model.loss([s[:-1] for s in seqs], [s[1:] for s in seqs])
+        loss.backward()
+        brain.opt.step(model.named_params(), lr_at(brain.step, cfg))
+        model.touch()
+        brain.step += 1
+        result["losses"].append(loss.data[0][0])
+        result["tokens"] = result.get("tokens", 0) + len(seqs) * (n - 1)
+    if job.get("score_after"):
+        result["after"] = target_probs(model, job["heldout"])
+    result["ckpt"] = checkpoint_bytes(model, brain.opt, brain.step, {"tokenizer": brain.tok.to_dict(),
+                                                                      "progress": brain.progress})
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides what Ctrl+C means
+
+
+class WorkerPool:
+    """One spawned worker process; jobs come back as asyncio futures; terminate() is immediate."""
+
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ctx.Pool(1, initializer=_ignore_sigint)
+
+    def submit(self, job):
+        loop = asyncio.get_event_loop()
+        fut = loop.create_future()
+
+        def done(value, fail=False):
+            if not fut.done():
+                (fut.set_exception if fail else fut.set_result)(value)
+        self.pool.apply_async(run_job, (job,),
+                              callback=lambda r: loop.call_soon_threadsafe(done, r),
+                              error_callback=lambda e: loop.call_soon_threadsafe(done, e, True))
+        return fut
+
+    def close(self):
+        self.pool.terminate()
+        self.pool.join()
+
+
+class InlinePool:
+    """Runs jobs in this process (tests, --eval): same interface, no parallelism."""
+
+    def submit(self, job):
+        fut = asyncio.get_event_loop().create_future()
+        fut.set_result(run_job(job))
+        return fut
+
+    def close(self):
+        pass
+
+
+# ======================================================================================
+# Trainer: warmup, then bursts on new material, with the held-out slice guarding memory.
+# ======================================================================================
+# The trainer owns when to learn; the worker owns how. Between jobs it re-trains BPE when
+# the corpus has grown, grows the vocabulary, keeps the field current, and measures the
+# held-out slice to set the model/field mixing weight lambda.
+
+HELDOUT_MAX_TOKENS = 1024                 # cap on the held-out slice scored per evaluation
+WARMUP_CHUNK_STEPS = 8                    # steps per warmup job (a few seconds of work)
+
+
+class Trainer:
+    def __init__(self, cfg, brain, memory, field, heldout_lines, pool, seed=0, ckpt_path=None, now=time.time):
+        self.cfg = cfg
+        self.brain = brain
+        self.memory = memory
+        self.field = field
+        self.heldout_lines = heldout_lines
+        self.pool = pool
+        self.seed = seed
+        self.ckpt_path = ckpt_path
+        self.now = now
+        self.rng = random.Random(seed)
+        self.status = "idle"
+        self.last_burst = now()
+        self.last_save = now()
+        self.pending_bytes = 0                # new chat bytes since the last burst
+        self.pending_grams = 0                # their n-grams ...
+        self.pending_novel = 0                # ... and how many the field had not seen
+        self._stream = None
+        self._recall = None
+        self.refresh()
+
+    # -- corpus, tokenizer and field -------------------------------------------------------
+    def refresh(self):
+        """Re-encode the corpus and held-out slice and rebuild the field (after BPE changes)."""
+        tok = self.brain.tok
+        self.lines_ids = [tok.encode(line) for line in self.memory.corpus_lines()]
+        self.field.grow_vocab(tok.vocab_size)
+        self.field.rebuild(self.lines_ids)
+        held = []
+        for line in self.heldout_lines:
+            held.extend(tok.encode(line) + [EOS])
+            if len(held) >= HELDOUT_MAX_TOKENS:
+                break
+        self.heldout_stream = [EOS] + held[:HELDOUT_MAX_TOKENS]
+        # bytes of UTF-8 text scored; each line end (EOS) counts as one byte, like a newline
+        self.heldout_bytes = sum(len(tok.token_bytes(t)) or 1 for t in self.heldout_stream[1:])
+        self._stream = None
+
+    def recall(self):
+        """The Recall index over the current corpus, rebuilt only when the corpus changed."""
+        key = len(self.lines_ids)
+        if self._recall is None or self._recall[0] != key:
+            self._recall = (key, Recall(self.memory.corpus_lines()))
+        return self._recall[1]
+
+    def stream(self):
+        """The training corpus as one token stream, EOS after every line."""
+        if self._stream is None:
+            out = [EOS]
+            for ids in self.lines_ids:
+                out.extend(ids)
+                out.append(EOS)
+            self._stream = out
+        return self._stream
+
+    def bpe_due(self):
+        chars = self.memory.corpus_stats()["bytes"]
+        done = self.brain.progress["bpe_chars"]
+        if done == 0:
+            return chars >= self.cfg.enable_bpe_after_chars
+        return chars - done >= self.cfg.bpe_retrain_every_chars
+
+    def maybe_retrain_bpe(self):
+        """Append merges learned from the corpus, grow the model's rows, rebuild the field."""
+        if not self.bpe_due() or self.cfg.bpe_num_merges == 0:
+            return []
+        brain = self.brain
+        added = brain.tok.train(self.memory.corpus_lines(), self.cfg.bpe_num_merges)
+        brain.progress["bpe_chars"] = self.memory.corpus_stats()["bytes"]
+        if added:
+            brain.model.grow_vocab(brain.tok.vocab_size)
+            self.refresh()
+            self.memory.log_event("bpe", "added %d merges; vocab %d" % (len(added), brain.tok.vocab_size))
+        return added
+
+    def add_lines(self, lines):
+        """New conversation lines: stored, counted toward the next burst, taught to the field."""
+        new = [l for l in lines if l]
+        added = self.memory.add_corpus_lines(new, "chat")
+        if not added:
+            return 0
+        for line in new[-added:]:
+            ids = self.brain.tok.encode(line)
+            n_grams = len(ids) + 1
+            self.pending_novel += self.field.novelty(ids) * n_grams
+            self.pending_grams += n_grams
+            self.pending_bytes += len(text_to_bytes(line))
+            self.field.add(ids)
+            self.lines_ids.append(ids)
+        self._stream = None
+        if self.memory.prune_corpus(self.cfg.max_corpus_lines, self.rng):
+            self.refresh()
+        return added
+
+    # -- held-out evidence -------------------------------------------------------------------
+    def field_probs(self):
+        """Field probability of every held-out token, context = the tokens earlier in its line."""
+        out, line = [], []
+        for cur, nxt in zip(self.heldout_stream, self.heldout_stream[1:]):
+            line = [] if cur == EOS else line + [cur]
+            out.append(self.field.prob(line, nxt))
+        return out
+
+    def record_heldout(self, model_probs):
+        """Bits per byte of network, field and mix; lambda from the evidence."""
+        pf = self.field_probs()
+        pairs = list(zip(model_probs, pf))
+        lam = best_lambda(pairs)
+        n = self.heldout_bytes
+
+        def bpb(ps):
+            return bits_per_byte(-sum(math.log(max(p, 1e-300)) for p in ps), n)
+        figures = {"model_bpb": bpb(model_probs), "field_bpb": bpb(pf),
+                   "mix_bpb": bpb([lam * a + (1 - lam) * b for a, b in pairs]), "lambda": lam, "bytes": n}
+        self.brain.progress["heldout"] = figures
+        self.brain.progress["lambda"] = lam
+        return figures
+
+    # -- jobs --------------------------------------------------------------------------------
+    def make_job(self, steps, **kw):
+        job = {"ckpt": self.brain.to_bytes(), "stream": self.stream(), "steps": steps,
+               "heldout": heldout_windows(self.heldout_stream, self.cfg.block_size), "seed": self.seed}
+        job.update(kw)
+        return job
+
+    def adopt(self, result):
+        self.brain = Brain.from_body(parse_checkpoint(result["ckpt"]), self.cfg, self.seed)
+        return self.brain
+
+    async def warmup_chunk(self):
+        cfg, brain = self.cfg, self.brain
+        steps = min(WARMUP_CHUNK_STEPS, cfg.warmup_steps - brain.step)
+        last = brain.step + steps >= cfg.warmup_steps
+        self.status = "warmup"
+        result = await self.pool.submit(self.make_job(steps, score_after=last))
+        brain = self.adopt(result)
+        brain.progress["loss"] = sum(result["losses"]) / max(1, len(result["losses"]))
+        brain.progress["tokens_per_s"] = result.get("tokens", 0) / max(1e-9, result["seconds"])
+        if last:
+            self.record_heldout(result["after"])
+            brain.progress["warmup_done"] = True
+            if cfg.freeze_base_after_warmup:
+                brain.model.freeze_base()
+                brain.model.add_delta()                  # bursts need something to train
+            self.log_growth("warmup done")
+            self.save()
+        elif self.now() - self.last_save >= cfg.checkpoint_every_seconds:
+            self.log_growth("warmup")
+            self.save()
+
+    def burst_due(self):
+        cfg = self.cfg
+        if not self.brain.progress["warmup_done"] or self.pending_bytes == 0:
+            return False
+        if self.now() - self.last_burst < cfg.qb_cooldown_seconds:
+            return False
+        novelty = self.pending_novel / max(1, self.pending_grams)
+        return self.pending_bytes >= cfg.qb_min_bytes or novelty >= cfg.qb_min_novelty
+
+    async def burst(self):
+        """Train a burst on the new material; keep it only if the held-out loss allows."""
+        cfg = self.cfg
+        self.status = "burst"
+        grow = self.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
+        stream = self.stream()
+        recent = max(0, len(stream) - max(cfg.seq_len * 2, self.pending_bytes))
+        self.pending_bytes = self.pending_grams = self.pending_novel = 0
+        self.last_burst = self.now()
+        job = self.make_job(cfg.micro_steps, score_before=True, score_after=True,
+                            add_delta=grow, recent_from=recent)
+        result = await self.pool.submit(job)
+        return self.judge_burst(result, grow)
+
+    def judge_burst(self, result, grew):
+        before = -sum(math.log(max(p, 1e-300)) for p in result["before"])
+        after = -sum(math.log(max(p, 1e-300)) for p in result["after"])
+        change = (after - before) / max(before, 1e-12)
+        progress = self.brain.progress
+        progress["bursts"] = progress.get("bursts", 0) + 1
+        if change > self.cfg.forget_tolerance:
+            self.memory.log_growth(step=self.brain.step, vocab=self.brain.model.vocab_size,
+                                   params=self.brain.model.num_params(), deltas=self.brain.model.n_deltas,
+                                   loss=None, heldout_bpb=None, tokens_per_s=None,
+                                   note="rejected burst: held-out loss %+.1f%%" % (100 * change))
+            return False
+        brain = self.adopt(result)
+        brain.progress["loss"] = sum(result["losses"]) / max(1, len(result["losses"]))
+        brain.progress["tokens_per_s"] = result.get("tokens", 0) / max(1e-9, result["seconds"])
+        self.record_heldout(result["after"])
+        self.log_growth("burst%s: held-out loss %+.1f%%" % (" +delta" if grew else "", 100 * change))
+        self.save()
+        return True
+
+    def log_growth(self, note):
+        b, h = self.brain, self.brain.progress.get("heldout") or {}
+        self.memory.log_growth(step=b.step, vocab=b.model.vocab_size, params=b.model.num_params(),
+                               deltas=b.model.n_deltas, loss=b.progress.get("loss"),
+                               heldout_bpb=h.get("mix_bpb"), tokens_per_s=b.progress.get("tokens_per_s"),
+                               note=note)
+
+    def save(self):
+        if self.ckpt_path:
+            self.brain.save(self.ckpt_path)
+        self.last_save = self.now()
+
+    async def tick(self):
+        """One unit of work -> True if something was done."""
+        if self.maybe_retrain_bpe():
+            return True
+        if not self.brain.progress["warmup_done"]:
+            await self.warmup_chunk()
+            return True
+        if self.burst_due():
+            await self.burst()
+            return True
+        self.status = "waiting for new material"
+        return False
+
+    async def run(self, log):
+        """The background task: never raises except cancellation; errors are logged and stop training."""
+        try:
+            while True:
+                if not await self.tick():
+                    await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:                     # the trainer's top-level boundary
+            self.status = "stopped after an error: %s" % e
+            self.memory.log_event("error", "trainer: %s: %s" % (type(e).__name__, e))
+            log("trainer stopped: %s (chat continues; see /status)" % e)
+
+
+# ======================================================================================
+# Voice: the reply, sampled from the mix lambda * network + (1 - lambda) * field.
+# ======================================================================================
+
+FALLBACK_REPLY = "I have no words for that yet."
+SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
+HISTORY_MESSAGES = 6                       # earlier messages that go into the prompt
+LOCAL_FIELD_WEIGHT = 0.5                   # share of the recalled answers in the field's voice
+
+
+def format_turn(role, text):
+    return ("H: " if role == "user" else "A: ") + " ".join(text.split())
+
+
+def clean_reply(text, finished):
+    """First line, without a role prefix; cut back to a sentence end or a space if unfinished."""
+    text = text.split("\n")[0]
+    for stop in (" H:", "H: "):
+        if stop in text:
+            text = text[:text.index(stop)]
+    text = text.strip()
+    if text.startswith("A:"):
+        text = text[2:].strip()
+    if not finished and text:
+        ends = [text.rfind(e) for e in SENTENCE_ENDS]
+        cut = max(ends)
+        if cut >= len(text) // 3:
+            text = text[:cut + 1]
+        elif " " in text:
+            text = text[:text.rfind(" ")].rstrip(",;: ")
+    return text
+
+
+WORD_RE = re.compile(r"[^\W\d_]{3,}")
+
+
+def content_words(text):
+    return set(w.lower() for w in WORD_RE.findall(text))
+
+
+class Recall:
+    """Which corpus answers follow questions that share rare words with a message.
+
+    It gives the field a topic: the answers found become a small local field mixed into
+    the global one, so a first-second reply is about what was asked, not only fluent.
+    """
+
+    def __init__(self, lines):
+        self.answers = []                          # A: lines that follow an H: line
+        self.index = {}                            # word -> answer indices
+        for q, a in zip(lines, lines[1:]):
+            if q.startswith("H:") and a.startswith("A:"):
+                for w in content_words(q):
+                    self.index.setdefault(w, []).append(len(self.answers))
+                self.answers.append(a)
+
+    def answers_for(self, text, k=4):
+        scores = {}
+        for w in content_words(text):
+            hits = self.index.get(w, ())
+            if hits:
+                idf = math.log(1.0 + len(self.answers) / len(hits))
+                for i in hits:
+                    scores[i] = scores.get(i, 0.0) + idf
+        best = sorted(scores, key=lambda i: (-scores[i], -i))[:k]
+        return [self.answers[i] for i in best]
+
+
+class Voice:
+    def __init__(self, cfg, seed=0):
+        self.cfg = cfg
+        self.sampler = Sampler(cfg, seed)
+
+    def settings(self, cfg):
+        self.cfg = self.sampler.s = cfg
+
+    def prompt_ids(self, tok, history, user_text):
+        """The conversation as the corpus stream: lines ending in EOS, then 'A:' to continue."""
+        ids = [EOS]
+        for role, text in history + [("user", user_text)]:
+            ids.extend(tok.encode(format_turn(role, text)) + [EOS])
+        ids.extend(tok.encode("A:"))
+        keep = self.cfg.block_size - self.cfg.max_gen_tokens // 2
+        return ids[-max(8, keep):]
+
+    def reply(self, brain, field, lam, history, user_text, recalled=(), attempts=4):
+        """A non-empty reply that does not repeat one of the recent ones (when avoidable)."""
+        local = None
+        if recalled:
+            local = NGramField(field.order, field.vocab_size, field.discount)
+            for line in recalled:
+                local.add(brain.tok.encode(line))
+        said = {text for role, text in history if role == "assistant"}
+        text = ""
+        for _ in range(attempts):
+            text = self.generate(brain, field, lam, history, user_text, local) or text
+            if text and text not in said:
+                return text
+        return text or FALLBACK_REPLY
+
+    def generate(self, brain, field, lam, history, user_text, local=None):
+        cfg, tok, model = self.cfg, brain.tok, brain.model
+        prompt = self.prompt_ids(tok, history, user_text)
+        line = tok.encode("A:")                          # the field sees only the current line
+        use_model = lam > 0
+        if use_model:
+            cache = model.new_cache()
+            for t in prompt[:-1]:
+                model.step(cache, t)
+            logits = model.step(cache, prompt[-1])
+        out, finished = [], False
+        for _ in range(cfg.max_gen_tokens):
+            p = field.probs(line)
+            if local is not None:
+                p = mix(local.probs(line), p, LOCAL_FIELD_WEIGHT)
+            if use_model:
+                p = mix(softmax(logits), p, lam)
+            p[BOS] = p[PAD] = 0.0
+            if len(out) < 2:
+                p[EOS] = 0.0                             # say something before stopping
+            t = self.sampler.sample(normalize(p), history=out)
+            if t == EOS:
+                finished = True
+                break
+            out.append(t)
+            line.append(t)
+            text = tok.decode(out)
+            if "\n" in text or " H:" in text:
+                break
+            if len(out) >= cfg.min_gen_tokens and text.rstrip().endswith(SENTENCE_ENDS):
+                finished = True
+                break
+            if use_model:
+                logits = model.step(cache, t)
+        return clean_reply(tok.decode(out), finished)
+
+
+# ======================================================================================
+# Session: the thin coordinator that wires memory, brain, field, trainer and voice together.
+# ======================================================================================
+
+HELP = """commands:
+  /help              this text
+  /status            training progress, held-out figures, sizes
+  /set KEY VALUE     change a sampling setting (kept in memory.sqlite3): %s
+  /save              write the checkpoint now
+  /quit              save and exit (also Ctrl+D; Ctrl+C saves and exits, twice exits at once)""" % ", ".join(SAMPLING_KEYS)
+
+
+def file_digest(lines):
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class Session:
+    def __init__(self, cfg, corpus_path, db_path, ckpt_path, seed=0, pool=None):
+        seed_lines = read_corpus_file(corpus_path)             # errors before anything is written
+        train_lines, heldout = split_heldout(seed_lines, cfg.heldout_every)
+        if not train_lines:
+            raise MacroError("corpus %s has no usable lines" % corpus_path)
+        if os.path.exists(ckpt_path):
+            brain = Brain.load(ckpt_path, cfg, seed)
+        else:
+            brain = Brain.fresh(cfg, seed)
+        self.memory = Memory(db_path)
+        try:
+            if self.memory.get_state("seed_digest") != file_digest(seed_lines):
+                self.memory.add_corpus_lines(train_lines, "seed")
+                self.memory.set_state("seed_digest", file_digest(seed_lines))
+            cfg = self.apply_saved_settings(cfg)
+            self.cfg = cfg
+            field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
+            self.trainer = Trainer(cfg, brain, self.memory, field, heldout, pool or InlinePool(), seed, ckpt_path)
+            self.trainer.maybe_retrain_bpe()                  # the tokenizer is ready from the first reply
+            self.voice = Voice(cfg, seed)
+        except BaseException:
+            self.memory.close()
+            raise
+
+    @property
+    def brain(self):
+        return self.trainer.brain
+
+    def apply_saved_settings(self, cfg):
+        saved = self.memory.get_state("settings", {})
+        for key, value in saved.items():
+            try:
+                cfg = validate_setting(cfg, key, str(value))
+            except MacroError:
+                pass                                           # a setting later versions dropped
+        return cfg
+
+    def respond(self, text):
+        """Store the message, generate, store the reply, then learn from the turn -> reply."""
+        self.memory.add_message("user", text)
+        history = self.memory.recent_messages(HISTORY_MESSAGES + 1)[:-1]
+        recalled = self.trainer.recall().answers_for(text)
+        reply = self.voice.reply(self.brain, self.trainer.field, self.brain.progress["lambda"], history, text,
+                                 recalled)
+        self.memory.add_message("assistant", reply)
+        self.trainer.add_lines(turn_to_corpus_lines(text, reply))
+        return reply
+
+    def command(self, line):
+        """A /command -> (text to show, whether to quit)."""
+        parts = line.split()
+        name = parts[0].lower()
+        if name == "/help":
+            return HELP, False
+        if name == "/status":
+            return self.status(), False
+        if name == "/save":
+            self.save()
+            return "saved", False
+        if name in ("/quit", "/exit"):
+            return None, True
+        if name == "/set":
+            if len(parts) != 3:
+                return "usage: /set KEY VALUE (keys: %s)" % ", ".join(SAMPLING_KEYS), False
+            try:
+                self.cfg = validate_setting(self.cfg, parts[1], parts[2])
+            except MacroError as e:
+                return "error: %s" % e, False
+            self.voice.settings(self.cfg)
+            saved = self.memory.get_state("settings", {})
+            saved[parts[1]] = getattr(self.cfg, parts[1])
+            self.memory.set_state("settings", saved)
+            return "%s = %s" % (parts[1], getattr(self.cfg, parts[1])), False
+        return "unknown command %s; /help lists them" % name, False
+
+    def status(self):
+        b, cfg, p = self.brain, self.cfg, self.brain.progress
+        tps = p.get("tokens_per_s")
+        if not p["warmup_done"]:
+            left = max(0, cfg.warmup_steps - b.step)
+            eta = left * cfg.batch_size * cfg.seq_len / tps if tps else None
+            phase = "warmup step %d/%d | eta %s" % (b.step, cfg.warmup_steps, format_duration(eta))
+        else:
+            phase = "warmup done | step %d | bursts %d (%d rejected)" % (
+                b.step, p.get("bursts", 0), self.memory.rejected_bursts())
+        loss = "%.3f" % p["loss"] if p.get("loss") is not None else "-"
+        lines = ["%s | loss %s | %s tok/s | trainer: %s"
+                 % (phase, loss, "%.0f" % tps if tps else "-", self.trainer.status)]
+        h = p.get("heldout")
+        if h:
+            lines.append("held-out bits/byte: network %.3f | field %.3f | mix %.3f | lambda %.2f (%d bytes)"
+                         % (h["model_bpb"], h["field_bpb"], h["mix_bpb"], h["lambda"], h["bytes"]))
+        else:
+            lines.append("held-out bits/byte: not measured yet (after warmup); replies come from the field")
+        st = self.memory.corpus_stats()
+        lines.append("vocab %d | params %d | delta modules %d/%d | corpus %d lines, %.1f KB (%d from chat) | messages %d"
+                     % (b.model.vocab_size, b.model.num_params(), b.model.n_deltas, cfg.max_delta_modules,
+                        st["lines"], st["bytes"] / 1000, st["chat_lines"], self.memory.message_count()))
+        return "\n".join(lines)
+
+    def save(self):
+        self.trainer.save()
+
+    def close(self):
+        self.memory.close()
+
+
+def format_duration(seconds):
+    if seconds is None:
+        return "-"
+    m = int(seconds // 60)
+    return "%dh%02dm" % (m // 60, m % 60) if m >= 60 else "%dm%02ds" % (m, int(seconds % 60))
+
+
+# ======================================================================================
+# REPL: a reader thread feeds lines to the event loop; the trainer runs beside it.
+# ======================================================================================
+# input() blocks, so it runs in a thread; the loop stays free for the trainer's futures.
+# In a terminal the thread waits for each reply before showing the next "> " prompt, so
+# nothing ever prints over the line being typed.
+
+INTERRUPT = object()
+
+
+def say(text, stream=None):
+    """Print text whatever it holds: stray bytes show as U+FFFD, unencodable characters as '?'."""
+    stream = stream or sys.stdout
+    text = text_to_bytes(text).decode("utf-8", "replace")
+    enc = getattr(stream, "encoding", None) or "utf-8"
+    stream.write(text.encode(enc, "replace").decode(enc) + "\n")
+    stream.flush()
+
+
+class LineReader:
+    def __init__(self, loop, queue, interactive):
+        self.loop = loop
+        self.queue = queue
+        self.interactive = interactive
+        self.go = threading.Event()
+        self.go.set()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def ready(self):
+        self.go.set()
+
+    def _put(self, item):
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _run(self):
+        while True:
+            self.go.wait()
+            self.go.clear()
+            try:
+                if self.interactive:
+                    line = input("> ")
+                else:
+                    raw = sys.stdin.buffer.readline()
+                    if not raw:
+                        raise EOFError
+                    line = bytes_to_text(raw.rstrip(b"\r\n"))
+            except EOFError:
+                self._put(None)
+                return
+            except (KeyboardInterrupt, OSError, ValueError):
+                self._put(None)
+                return
+            self._put(line)
+
+
+async def chat(session, interactive, train, pool):
+    loop = asyncio.get_event_loop()
+    queue = asyncio.Queue()
+    notes = []
+
+    def log(msg):
+        if interactive:
+            notes.append(msg)
+        else:
+            say(msg, sys.stderr)
+
+    interrupts = [0]
+
+    def on_sigint():
+        interrupts[0] += 1
+        if interrupts[0] > 1:
+            os._exit(130)                              # checkpoints are atomic: nothing tears
+        queue.put_nowait(INTERRUPT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError):
+        pass                                           # Windows: Ctrl+C raises KeyboardInterrupt
+    reader = LineReader(loop, queue, interactive)
+    reader.start()
+    task = loop.create_task(session.trainer.run(log)) if train else None
+    if interactive:
+        say("macrogpt %s: type a message, /help for commands, Ctrl+D to leave." % VERSION)
+    try:
+        while True:
+            line = await queue.get()
+            if line is None or line is INTERRUPT:
+                if interactive:
+                    say("")
+                break
+            line = line.strip()
+            if not line:
+                reader.ready()
+                continue
+            if line.startswith("/"):
+                text, quit_now = session.command(line)
+                if quit_now:
+                    break
+                say(text)
+            else:
+                say(session.respond(line))
+            for note in notes:
+                say("[%s]" % note)
+            del notes[:]
+            reader.ready()
+    finally:
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        session.save()
+        if interactive:
+            say("saved. goodbye.")
+
+
+# ======================================================================================
+# Eval: held-out bits per byte of network, field and mix on a file, one document per line.
+# ======================================================================================
+
+def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print):
+    lines = read_corpus_file(path)
+    brain = Brain.load(ckpt_path, cfg, seed) if os.path.exists(ckpt_path) else Brain.fresh(cfg, seed)
+    train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
+    if brain.tok.vocab_size == N_BASE_VOCAB and sum(len(text_to_bytes(l)) for l in train) >= cfg.enable_bpe_after_chars:
+        brain.tok.train(train, cfg.bpe_num_merges)             # what a first run would do
+        brain.model.grow_vocab(brain.tok.vocab_size)
+    field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
+    field.rebuild([brain.tok.encode(l) for l in train])
+    nll = {"network": 0.0, "field": 0.0, "mix": 0.0}
+    lam, n_bytes = brain.progress.get("lambda", 0.0), 0
+    for text in lines:
+        ids = brain.tok.encode(text) + [EOS]
+        stream = [EOS] + ids
+        pm = target_probs(brain.model, heldout_windows(stream, cfg.block_size))
+        pf = [field.prob(ids[:i], t) for i, t in enumerate(ids)]
+        for a, b in zip(pm, pf):
+            nll["network"] -= math.log(max(a, 1e-300))
+            nll["field"] -= math.log(max(b, 1e-300))
+            nll["mix"] -= math.log(max(lam * a + (1 - lam) * b, 1e-300))
+        n_bytes += len(text_to_bytes(text)) + 1                # + 1 for the line end
+    result = {k: round(bits_per_byte(v, n_bytes), 4) for k, v in nll.items()}
+    result.update({"bytes": n_bytes, "lines": len(lines), "lambda": lam, "step": brain.step,
+                   "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None})
+    out("%s: %d bytes in %d lines | bits/byte: network %.3f | field %.3f | mix %.3f (lambda %.2f, step %d)"
+        % (path, n_bytes, len(lines), result["network"], result["field"], result["mix"], lam, brain.step))
+    out(json.dumps(result, sort_keys=True))
+    return result
+
+
+# ======================================================================================
 # Bench: `python macrogpt.py --bench` measures training, generation and a naive reference.
 # ======================================================================================
 
@@ -1837,31 +2661,152 @@ def bench_model(cfg, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, o
             "train_flops_per_token": 3 * 2 * forward_macs_per_token(cfg, N_BASE_VOCAB, T)}
 
 
-def run_bench(cfg, out=print):
+def bench_tokenizer(lines, num_merges):
+    """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after."""
+    tok = Tokenizer()
+    t0 = time.perf_counter()
+    tok.train(lines, num_merges)
+    train_s = time.perf_counter() - t0
+    n_bytes = sum(len(text_to_bytes(l)) + 1 for l in lines)
+    times, n_tokens = [], 0
+    for _ in range(3):
+        tok._cache.clear()                                    # measure cold encoding
+        t0 = time.perf_counter()
+        n_tokens = sum(len(tok.encode(l)) + 1 for l in lines)
+        times.append(time.perf_counter() - t0)
+    return {"bpe_train_seconds": round(train_s, 3), "bpe_merges": len(tok.merges),
+            "encode_bytes_per_s": round(n_bytes / _median(times)), "corpus_bytes": n_bytes,
+            "tokens_per_byte": round(n_tokens / n_bytes, 4)}
+
+
+def run_bench(cfg, corpus_path=None, out=print):
     t0 = time.perf_counter()
     result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
               "kernel": "math.dist" if _dist is not None else "sum(map(mul))"}
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
     result.update(bench_model(cfg, out=out))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
+    if corpus_path:
+        result.update(bench_tokenizer(read_corpus_file(corpus_path), cfg.bpe_num_merges))
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
     out("python %s | kernel %s | %d params" % (result["python"], result["kernel"], result["params"]))
     out("train %.0f tok/s (%.0f MFLOP/s) | generate %.0f tok/s | naive matmul %.0f MFLOP/s"
         % (result["train_tokens_per_s"], result["train_mflops"], result["gen_tokens_per_s"],
            result["naive_mflops"]))
+    if corpus_path:
+        out("tokenizer: %d merges in %.2f s | encode %.0f KB/s | %.3f tokens per byte on %d bytes"
+            % (result["bpe_merges"], result["bpe_train_seconds"], result["encode_bytes_per_s"] / 1000,
+               result["tokens_per_byte"], result["corpus_bytes"]))
     out(json.dumps(result, sort_keys=True))
     return result
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="macrogpt", description="A small GPT that chats and keeps learning.")
-    parser.add_argument("--bench", action="store_true", help="measure training and generation speed")
-    parser.add_argument("--version", action="version", version="macrogpt " + VERSION)
-    args = parser.parse_args(argv)
+# ======================================================================================
+# CLI: argparse, paths in the current directory, one-line errors with exit code 2.
+# ======================================================================================
+
+def default_corpus_path():
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonames.txt")
+    return "nonames.txt" if os.path.exists("nonames.txt") else here
+
+
+def load_config(path):
+    """Config() with the overrides of a JSON object file (--config)."""
+    cfg = Config()
+    if path is None:
+        return cfg
+    try:
+        with open(path, encoding="utf-8") as f:
+            overrides = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError("cannot read config %s: %s" % (path, e))
+    if not isinstance(overrides, dict):
+        raise ConfigError("config %s must hold a JSON object of Config fields" % path)
+    known = {f.name: f.type for f in fields(Config)}
+    for key in overrides:
+        if key not in known:
+            raise ConfigError("config %s: unknown field %r" % (path, key))
+    try:
+        return Config(**overrides)
+    except TypeError as e:
+        raise ConfigError("config %s: %s" % (path, e))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="macrogpt", description="A small GPT that chats and keeps learning.")
+    p.add_argument("--corpus", default=None, help="seed corpus (default: nonames.txt here or beside the script)")
+    p.add_argument("--db", default="memory.sqlite3", help="SQLite memory (default: %(default)s)")
+    p.add_argument("--ckpt", default="macrogpt.ckpt", help="checkpoint file (default: %(default)s)")
+    p.add_argument("--config", default=None, metavar="JSON", help="JSON file of Config overrides")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and sampling")
+    p.add_argument("--no-train", action="store_true", help="chat without background training")
+    p.add_argument("--bench", action="store_true", help="measure training, generation and tokenizer speed")
+    p.add_argument("--eval", metavar="FILE", help="held-out bits per byte of network, field and mix on FILE")
+    p.add_argument("--tokenize", metavar="TEXT", help="show how TEXT is split into tokens")
+    p.add_argument("--prompt", metavar="TEXT", help="answer TEXT once and exit")
+    p.add_argument("--version", action="version", version="macrogpt " + VERSION)
+    return p
+
+
+def run(args):
+    cfg = load_config(args.config)
+    corpus = args.corpus or default_corpus_path()
     if args.bench:
-        run_bench(Config())
+        run_bench(cfg, corpus)
         return 0
+    if args.eval:
+        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed)
+        return 0
+    if args.tokenize is not None:
+        say(format_tokenization(_tokenizer_for(cfg, corpus, args.ckpt, args.seed), args.tokenize))
+        return 0
+    if args.prompt is not None:
+        session = Session(cfg, corpus, args.db, args.ckpt, args.seed)
+        try:
+            text = args.prompt.strip()
+            say(session.respond(text) if text else FALLBACK_REPLY)
+            session.save()
+        finally:
+            session.close()
+        return 0
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        try:
+            import readline                                   # noqa: F401  line editing and history
+        except ImportError:
+            pass
+    train = not args.no_train
+    pool = WorkerPool() if train else None
+    try:
+        session = Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)
+        try:
+            asyncio.run(chat(session, interactive, train, pool))
+        finally:
+            session.close()
+    finally:
+        if pool is not None:
+            pool.close()
     return 0
+
+
+def _tokenizer_for(cfg, corpus, ckpt, seed):
+    """The checkpoint's tokenizer, or the one a first run would train, without writing anything."""
+    if os.path.exists(ckpt):
+        return Brain.load(ckpt, cfg, seed).tok
+    tok = Tokenizer()
+    train, _ = split_heldout(read_corpus_file(corpus), cfg.heldout_every)
+    if sum(len(text_to_bytes(l)) for l in train) >= cfg.enable_bpe_after_chars:
+        tok.train(train, cfg.bpe_num_merges)
+    return tok
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MacroError as e:
+        say("macrogpt: error: %s" % e, sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""The background trainer with a tiny model: warmup resume, burst triggers, frozen base, rollback."""
+import asyncio
+import os
+import shutil
+import tempfile
+import unittest
+
+import macrogpt as M
+
+TOPICS = ["sea", "rain", "cat", "book", "moon", "tea", "snow", "bird", "river", "song", "lamp", "bread"]
+
+
+def tiny_trainer_config(**kw):
+    base = dict(n_layer=1, n_embd=8, n_head=2, block_size=16, seq_len=12, batch_size=2, warmup_steps=16,
+                micro_steps=3, lr_warmup_steps=2, lr_decay_steps=100, enable_bpe_after_chars=200,
+                bpe_num_merges=20, bpe_retrain_every_chars=10 ** 6, field_order=3, heldout_every=5,
+                qb_min_bytes=10, qb_cooldown_seconds=30.0, delta_grow_prob=0.0, checkpoint_every_seconds=0.0)
+    base.update(kw)
+    return M.Config(**base)
+
+
+def synthetic_corpus():
+    lines = []
+    for i, a in enumerate(TOPICS):
+        b = TOPICS[(i + 3) % len(TOPICS)]
+        lines += ["H: how is the %s today?" % a, "A: the %s is quiet, like the %s." % (a, b),
+                  "H: do you like the %s?" % b, "A: I like the %s when it is calm." % b]
+    return lines
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+class TrainerTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.ckpt = os.path.join(self.dir, "macrogpt.ckpt")
+        self.memory = M.Memory(os.path.join(self.dir, "memory.sqlite3"))
+        self.addCleanup(self.memory.close)
+        train, self.heldout = M.split_heldout(synthetic_corpus(), 5)
+        self.memory.add_corpus_lines(train, "seed")
+        self.clock = Clock()
+
+    def trainer(self, cfg, brain=None):
+        brain = brain or M.Brain.fresh(cfg, seed=1)
+        field = M.NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
+        t = M.Trainer(cfg, brain, self.memory, field, self.heldout, M.InlinePool(), seed=1,
+                      ckpt_path=self.ckpt, now=self.clock)
+        t.maybe_retrain_bpe()
+        return t
+
+    def run_tick(self, trainer):
+        return asyncio.run(trainer.tick())
+
+    def warmed_up(self, cfg):
+        t = self.trainer(cfg)
+        while not t.brain.progress["warmup_done"]:
+            self.run_tick(t)
+        return t
+
+    def test_bpe_grows_model_and_field_together(self):
+        t = self.trainer(tiny_trainer_config())
+        self.assertGreater(t.brain.tok.vocab_size, M.N_BASE_VOCAB)
+        self.assertEqual(t.brain.model.vocab_size, t.brain.tok.vocab_size)
+        self.assertEqual(t.field.vocab_size, t.brain.tok.vocab_size)
+
+    def test_warmup_resumes_after_restart(self):
+        cfg = tiny_trainer_config()
+        t = self.trainer(cfg)
+        self.run_tick(t)
+        self.assertEqual(t.brain.step, M.WARMUP_CHUNK_STEPS)
+        self.assertFalse(t.brain.progress["warmup_done"])
+        self.assertTrue(os.path.exists(self.ckpt))              # checkpoint_every_seconds = 0
+        again = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
+        self.assertEqual(again.brain.step, M.WARMUP_CHUNK_STEPS)
+        self.run_tick(again)
+        self.assertEqual(again.brain.step, 16)
+        self.assertTrue(again.brain.progress["warmup_done"])
+        self.assertEqual(again.brain.model.n_deltas, 1)
+        h = again.brain.progress["heldout"]
+        self.assertTrue(h["field_bpb"] > 0 and h["model_bpb"] > 0)
+        self.assertLessEqual(h["mix_bpb"], min(h["field_bpb"], h["model_bpb"]) + 1e-9)
+        self.assertEqual(M.Brain.load(self.ckpt, cfg).step, 16)
+
+    def test_burst_waits_for_material_and_cooldown(self):
+        cfg = tiny_trainer_config()
+        t = self.warmed_up(cfg)
+        self.clock.t += 100
+        self.assertFalse(t.burst_due())                          # nothing new yet
+        t.add_lines(M.turn_to_corpus_lines("where does the river go at night?", "it goes to the sea."))
+        self.assertTrue(t.burst_due())
+        step = t.brain.step
+        self.assertTrue(self.run_tick(t))
+        self.assertEqual(t.brain.step, step + cfg.micro_steps)
+        t.add_lines(M.turn_to_corpus_lines("and the moon, where does it sleep?", "behind the hills."))
+        self.assertFalse(t.burst_due())                          # within the 30 s cooldown
+        self.clock.t += 31
+        self.assertTrue(t.burst_due())
+
+    def test_frozen_base_is_untouched_by_bursts(self):
+        cfg = tiny_trainer_config(forget_tolerance=10.0)
+        t = self.warmed_up(cfg)
+        base = {n: [list(r) for r in p.data] for n, p in t.brain.model.base_params()}
+        deltas = {n: [list(r) for r in p.data] for n, p in t.brain.model.delta_params()}
+        self.clock.t += 100
+        t.add_lines(M.turn_to_corpus_lines("a brand new question about lamps", "lamps glow at dusk."))
+        self.run_tick(t)
+        self.assertEqual({n: p.data for n, p in t.brain.model.base_params()}, base)
+        changed = {n: p.data for n, p in t.brain.model.delta_params()}
+        self.assertNotEqual(changed, deltas)
+
+    def test_harmful_burst_is_rolled_back_and_logged(self):
+        cfg = tiny_trainer_config(forget_tolerance=0.0, lr=0.5, lr_min=0.5, micro_steps=6)
+        t = self.warmed_up(cfg)
+        before_brain = t.brain
+        weights = {n: [list(r) for r in p.data] for n, p in t.brain.model.named_params()}
+        self.clock.t += 100
+        garbage = ["%08x zq xj %d vv" % (i * 2654435761 % 2 ** 32, i) for i in range(60)]
+        t.add_lines(garbage)
+        self.assertTrue(t.burst_due())
+        self.run_tick(t)
+        self.assertIs(t.brain, before_brain)
+        self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
+        self.assertEqual(self.memory.rejected_bursts(), 1)
+        self.assertIn("rejected", self.memory.growth_rows()[-1]["note"])
+
+    def test_judge_keeps_a_burst_within_tolerance(self):
+        cfg = tiny_trainer_config(forget_tolerance=0.02)
+        t = self.warmed_up(cfg)
+        n = len(t.field_probs())
+        job = t.make_job(0)
+        result = M.run_job(job)
+        result["before"], result["after"] = [0.5] * n, [0.5 ** 1.01] * n    # +1% loss: kept
+        self.assertTrue(t.judge_burst(result, False))
+        result["after"] = [0.5 ** 1.05] * n                                # +5%: rejected
+        self.assertFalse(t.judge_burst(result, False))
+
+
+class VoiceTest(unittest.TestCase):
+    def test_first_reply_from_an_untrained_brain_is_corpus_like(self):
+        cfg = tiny_trainer_config()
+        brain = M.Brain.fresh(cfg, seed=0)
+        lines = synthetic_corpus()
+        brain.tok.train(lines, 30)
+        brain.model.grow_vocab(brain.tok.vocab_size)
+        field = M.NGramField(3, brain.tok.vocab_size, 0.75)
+        field.rebuild([brain.tok.encode(l) for l in lines])
+        voice = M.Voice(cfg, seed=3)
+        recalled = M.Recall(lines).answers_for("do you like the rain?")
+        self.assertIn("A: I like the rain when it is calm.", recalled)
+        vocab = set(" ".join(lines).replace(".", " ").replace(",", " ").replace("?", " ").split())
+        known = total = 0
+        for _ in range(5):
+            reply = voice.reply(brain, field, 0.0, [], "do you like the rain?", recalled)
+            self.assertTrue(reply)
+            self.assertTrue(all(32 <= ord(c) < 127 for c in reply), reply)     # corpus is plain ASCII
+            words = reply.replace(".", " ").replace(",", " ").split()
+            known += sum(1 for w in words if w in vocab)
+            total += len(words)
+        self.assertGreater(known / total, 0.8)          # smoothing may coin a word; noise would not pass
+
+    def test_clean_reply(self):
+        self.assertEqual(M.clean_reply("A: hello there. and then", False), "hello there.")
+        self.assertEqual(M.clean_reply("hello there H: next", True), "hello there")
+        self.assertEqual(M.clean_reply("one two three", False), "one two")
+
+
+if __name__ == "__main__":
+    unittest.main()
