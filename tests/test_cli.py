@@ -1,0 +1,171 @@
+"""The real program in a subprocess with a tiny Config: pipes, memory, restarts, errors."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import macrogpt as M
+from tests.test_trainer import synthetic_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "macrogpt.py")
+TINY = dict(n_layer=1, n_embd=8, n_head=2, block_size=24, seq_len=12, batch_size=2, warmup_steps=16,
+            micro_steps=3, lr_warmup_steps=2, lr_decay_steps=100, enable_bpe_after_chars=200,
+            bpe_num_merges=20, field_order=3, heldout_every=5, checkpoint_every_seconds=0.0,
+            max_gen_tokens=30)
+
+
+class CliTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.corpus = self.path("corpus.txt")
+        with open(self.corpus, "w", encoding="utf-8") as f:
+            f.write("\n".join(synthetic_corpus() + ["héllo мир 世界 🙂"]) + "\n")
+        with open(self.path("tiny.json"), "w") as f:
+            json.dump(TINY, f)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def args(self, *extra):
+        return [sys.executable, SCRIPT, "--corpus", self.corpus, "--config", "tiny.json"] + list(extra)
+
+    def run_cli(self, *extra, stdin=b""):
+        p = subprocess.run(self.args(*extra), input=stdin, cwd=self.dir, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=120)
+        return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+    def memory(self):
+        mem = M.Memory(self.path("memory.sqlite3"))
+        self.addCleanup(mem.close)
+        return mem
+
+    def test_piped_conversation_one_reply_per_line(self):
+        messages = "how is the sea today?\n\ndo you like the moon?\n".encode("utf-8")
+        messages += b"\xff\xfe garbage \x00\n" + "🙂 emoji\n".encode("utf-8")   # invalid UTF-8, NUL, emoji
+        code, out, err = self.run_cli("--no-train", stdin=messages)
+        self.assertEqual(code, 0, err)
+        replies = out.splitlines()
+        self.assertEqual(len(replies), 4, out)
+        self.assertTrue(all(r.strip() for r in replies))
+        mem = self.memory()
+        self.assertEqual(mem.message_count(), 8)
+        users = [t for r, t in mem.recent_messages(8) if r == "user"]
+        self.assertEqual(M.text_to_bytes(users[2]), b"\xff\xfe garbage \x00")
+        self.assertEqual(users[3], "🙂 emoji")
+        self.assertGreater(mem.corpus_stats()["chat_lines"], 0)
+        self.assertIn("H: how is the sea today?", mem.corpus_lines())
+
+    def test_status_and_commands_in_pipe(self):
+        code, out, err = self.run_cli("--no-train", stdin=b"/status\n/set top_k 5\n/set top_k x\n/bogus\n/help\n")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"warmup step 0/16 \| eta - \| loss - \| - tok/s")
+        self.assertRegex(out, r"vocab \d+ \| params \d+ \| delta modules 0/8 \| corpus \d+ lines")
+        self.assertIn("top_k = 5", out)
+        self.assertIn("error: top_k needs an integer", out)
+        self.assertIn("unknown command /bogus", out)
+        self.assertEqual(self.memory().get_state("settings"), {"top_k": 5})
+
+    def status_until(self, proc, pattern, timeout=90):
+        """Ask /status until its output matches pattern; the answer lines are read as they come."""
+        import re
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            proc.stdin.write(b"/status\n")
+            proc.stdin.flush()
+            text = b"".join(proc.stdout.readline() for _ in range(3)).decode("utf-8", "replace")
+            m = re.search(pattern, text)
+            if m:
+                return m
+            time.sleep(0.3)
+        self.fail("no status matched %r" % pattern)
+
+    def test_restart_continues_training_and_remembers(self):
+        proc = subprocess.Popen(self.args(), cwd=self.dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            proc.stdin.write(b"do you like the snow?\n")
+            proc.stdin.flush()
+            self.assertTrue(proc.stdout.readline().strip())
+            self.status_until(proc, r"warmup done \| step 16")
+        finally:
+            out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual(M.read_checkpoint(self.path("macrogpt.ckpt"))["step"], 16)
+        code, out, err = self.run_cli("--no-train", stdin=b"/status\nhow is the tea today?\n")
+        self.assertEqual(code, 0, err)
+        self.assertIn("warmup done | step 16", out)
+        self.assertRegex(out, r"held-out bits/byte: network [\d.]+ \| field [\d.]+ \| mix [\d.]+")
+        texts = [t for _, t in self.memory().recent_messages(10)]
+        self.assertIn("do you like the snow?", texts)
+        self.assertIn("how is the tea today?", texts)
+
+    def test_kill_9_during_training_leaves_a_loadable_checkpoint(self):
+        proc = subprocess.Popen(self.args(), cwd=self.dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            self.status_until(proc, r"warmup (step [1-9]|done)")
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.communicate(timeout=60)
+        body = M.read_checkpoint(self.path("macrogpt.ckpt"))
+        self.assertGreater(body["step"], 0)
+        code, out, err = self.run_cli("--no-train", "--prompt", "how is the rain today?")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.strip())
+
+    def test_prompt_tokenize_and_eval(self):
+        code, out, err = self.run_cli("--prompt", "do you like the bird?")
+        self.assertEqual((code, len(out.splitlines())), (0, 1), err)
+        code, out, err = self.run_cli("--tokenize", "héllo 🙂")
+        self.assertEqual(code, 0, err)
+        self.assertIn("tokens for 11 bytes", out)
+        code, out, err = self.run_cli("--eval", self.corpus)
+        self.assertEqual(code, 0, err)
+        result = json.loads(out.splitlines()[-1])
+        self.assertGreater(result["field"], 0)
+        self.assertGreater(result["network"], result["field"])        # untrained network vs field
+
+    def assertCleanFailure(self, code, out, err, words):
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn(words, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_bad_inputs_exit_2_and_change_nothing(self):
+        code, out, err = self.run_cli("--corpus", self.path("missing.txt"), "--prompt", "hi")
+        self.assertCleanFailure(code, out, err, "cannot read corpus")
+        self.assertFalse(os.path.exists(self.path("memory.sqlite3")))
+
+        with open(self.path("macrogpt.ckpt"), "wb") as f:
+            f.write(b"macrogpt-checkpoint 99 abc\n{}")
+        code, out, err = self.run_cli("--prompt", "hi")
+        self.assertCleanFailure(code, out, err, "newer macrogpt")
+        self.assertFalse(os.path.exists(self.path("memory.sqlite3")))
+        os.remove(self.path("macrogpt.ckpt"))
+
+        with open(self.path("memory.sqlite3"), "wb") as f:
+            f.write(b"garbage" * 1000)
+        code, out, err = self.run_cli("--prompt", "hi")
+        self.assertCleanFailure(code, out, err, "not a macrogpt database")
+        with open(self.path("memory.sqlite3"), "rb") as f:
+            self.assertEqual(f.read(), b"garbage" * 1000)
+        self.assertFalse(os.path.exists(self.path("macrogpt.ckpt")))
+
+        with open(self.path("bad.json"), "w") as f:
+            f.write('{"n_embd": 7}')
+        code, out, err = self.run_cli("--config", "bad.json", "--prompt", "hi")
+        self.assertCleanFailure(code, out, err, "divisible")
+        code, out, err = self.run_cli("--no-such-flag")
+        self.assertEqual(code, 2)
+        self.assertNotIn("Traceback", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
