@@ -118,5 +118,19 @@ class AppendOnlyTest(unittest.TestCase):
             M.Tokenizer.from_dict({"version": 1, "bos": 256, "eos": 257, "pad": 258, "merges": [[5000, 1]]})
 
 
+
+class ShippedCorpusTest(unittest.TestCase):
+    def test_bpe_compresses_the_shipped_corpus(self):
+        # measured on nonames.txt (50,006 bytes): 0.424 tokens per byte after 384 merges
+        lines = M.read_corpus_file(os.path.join(ROOT, "nonames.txt"))
+        tok = M.Tokenizer()
+        self.assertEqual(len(tok.train(lines, 384)), 384)
+        n_bytes = sum(len(M.text_to_bytes(l)) for l in lines)
+        n_tokens = sum(len(tok.encode(l)) for l in lines)
+        self.assertLess(n_tokens / n_bytes, 0.45)
+        self.assertEqual(b"".join(tok.decode_bytes(tok.encode(l)) for l in lines),
+                         b"".join(M.text_to_bytes(l) for l in lines))
+
+
 if __name__ == "__main__":
     unittest.main()
