@@ -2352,7 +2352,7 @@ class Session:
             field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
             self.trainer = Trainer(cfg, brain, self.memory, field, heldout, pool or InlinePool(), seed, ckpt_path)
             self.trainer.maybe_retrain_bpe()                  # the tokenizer is ready from the first reply
-            self.voice = Voice(cfg, seed)
+            self.voice = Voice(cfg, seed + self.memory.message_count())   # restarts do not replay replies
         except BaseException:
             self.memory.close()
             raise
