@@ -828,7 +828,12 @@ def format_tokenization(tok, text):
     ids = tok.encode(text)
     lines = ["%d tokens for %d bytes (vocab %d)" % (len(ids), len(text_to_bytes(text)), tok.vocab_size)]
     for i in ids:
-        lines.append("%6d  %r" % (i, tok.token_bytes(i).decode("utf-8", "replace")))
+        raw = tok.token_bytes(i)
+        try:
+            shown = repr(raw.decode("utf-8"))
+        except UnicodeDecodeError:                 # part of a multi-byte character
+            shown = " ".join("<%02x>" % b for b in raw)
+        lines.append("%6d  %s" % (i, shown))
     return "\n".join(lines)
 
 
