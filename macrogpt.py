@@ -1597,6 +1597,11 @@ def best_lambda(pairs):
     return min(LAMBDA_GRID, key=nll)
 
 
+def nll_of(probs):
+    """Total negative log-likelihood (nats) of the probabilities given to the true tokens."""
+    return -sum(math.log(max(p, 1e-300)) for p in probs)
+
+
 def bits_per_byte(nll_nats, n_bytes):
     return nll_nats / math.log(2) / max(1, n_bytes)
 
@@ -2063,7 +2068,7 @@ class Trainer:
         n = self.heldout_bytes
 
         def bpb(ps):
-            return bits_per_byte(-sum(math.log(max(p, 1e-300)) for p in ps), n)
+            return bits_per_byte(nll_of(ps), n)
         figures = {"model_bpb": bpb(model_probs), "field_bpb": bpb(pf),
                    "mix_bpb": bpb([lam * a + (1 - lam) * b for a, b in pairs]), "lambda": lam, "bytes": n}
         self.brain.progress["heldout"] = figures
@@ -2078,7 +2083,12 @@ class Trainer:
         return job
 
     def adopt(self, result):
+        """Take the worker's weights; progress stays the trainer's own (it may have moved meanwhile)."""
+        progress = self.brain.progress
         self.brain = Brain.from_body(parse_checkpoint(result["ckpt"]), self.cfg, self.seed)
+        self.brain.progress = progress
+        progress["loss"] = sum(result["losses"]) / max(1, len(result["losses"]))
+        progress["tokens_per_s"] = result.get("tokens", 0) / max(1e-9, result["seconds"])
         return self.brain
 
     async def warmup_chunk(self):
@@ -2088,8 +2098,6 @@ class Trainer:
         self.status = "warmup"
         result = await self.pool.submit(self.make_job(steps, score_after=last))
         brain = self.adopt(result)
-        brain.progress["loss"] = sum(result["losses"]) / max(1, len(result["losses"]))
-        brain.progress["tokens_per_s"] = result.get("tokens", 0) / max(1e-9, result["seconds"])
         if last:
             self.record_heldout(result["after"])
             brain.progress["warmup_done"] = True
@@ -2126,8 +2134,7 @@ class Trainer:
         return self.judge_burst(result, grow)
 
     def judge_burst(self, result, grew):
-        before = -sum(math.log(max(p, 1e-300)) for p in result["before"])
-        after = -sum(math.log(max(p, 1e-300)) for p in result["after"])
+        before, after = nll_of(result["before"]), nll_of(result["after"])
         change = (after - before) / max(before, 1e-12)
         progress = self.brain.progress
         progress["bursts"] = progress.get("bursts", 0) + 1
@@ -2138,8 +2145,6 @@ class Trainer:
                                    note="rejected burst: held-out loss %+.1f%%" % (100 * change))
             return False
         brain = self.adopt(result)
-        brain.progress["loss"] = sum(result["losses"]) / max(1, len(result["losses"]))
-        brain.progress["tokens_per_s"] = result.get("tokens", 0) / max(1e-9, result["seconds"])
         self.record_heldout(result["after"])
         self.log_growth("burst%s: held-out loss %+.1f%%" % (" +delta" if grew else "", 100 * change))
         self.save()
@@ -2575,12 +2580,19 @@ async def chat(session, interactive, train, pool):
 # Eval: held-out bits per byte of network, field and mix on a file, one document per line.
 # ======================================================================================
 
+def train_first_tokenizer(tok, cfg, train_lines):
+    """The merges a first run learns from the seed's training lines (none below the threshold)."""
+    if sum(len(text_to_bytes(l)) for l in train_lines) >= cfg.enable_bpe_after_chars:
+        tok.train(train_lines, cfg.bpe_num_merges)
+    return tok
+
+
 def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print):
     lines = read_corpus_file(path)
     brain = Brain.load(ckpt_path, cfg, seed) if os.path.exists(ckpt_path) else Brain.fresh(cfg, seed)
     train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
-    if brain.tok.vocab_size == N_BASE_VOCAB and sum(len(text_to_bytes(l)) for l in train) >= cfg.enable_bpe_after_chars:
-        brain.tok.train(train, cfg.bpe_num_merges)             # what a first run would do
+    if brain.tok.vocab_size == N_BASE_VOCAB:
+        train_first_tokenizer(brain.tok, cfg, train)           # what a first run would do
         brain.model.grow_vocab(brain.tok.vocab_size)
     field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
     field.rebuild([brain.tok.encode(l) for l in train])
@@ -2798,11 +2810,8 @@ def _tokenizer_for(cfg, corpus, ckpt, seed):
     """The checkpoint's tokenizer, or the one a first run would train, without writing anything."""
     if os.path.exists(ckpt):
         return Brain.load(ckpt, cfg, seed).tok
-    tok = Tokenizer()
     train, _ = split_heldout(read_corpus_file(corpus), cfg.heldout_every)
-    if sum(len(text_to_bytes(l)) for l in train) >= cfg.enable_bpe_after_chars:
-        tok.train(train, cfg.bpe_num_merges)
-    return tok
+    return train_first_tokenizer(Tokenizer(), cfg, train)
 
 
 def main(argv=None):

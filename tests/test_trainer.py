@@ -98,6 +98,7 @@ class TrainerTest(unittest.TestCase):
         step = t.brain.step
         self.assertTrue(self.run_tick(t))
         self.assertEqual(t.brain.step, step + cfg.micro_steps)
+        self.assertEqual(t.brain.progress["bursts"], 1)                # counted on the adopted brain
         t.add_lines(M.turn_to_corpus_lines("and the moon, where does it sleep?", "behind the hills."))
         self.assertFalse(t.burst_due())                          # within the 30 s cooldown
         self.clock.t += 31
