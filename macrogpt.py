@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from itertools import repeat
 
 VERSION = "0.1.0"
 
@@ -117,6 +118,7 @@ class Config:
     repetition_guard: int = 4            # forbid repeating the last n-gram of this many tokens
     min_gen_tokens: int = 12
     max_gen_tokens: int = 80
+    exact_generation: bool = False       # True: float dot products (slower); False: fixed point
 
     def __post_init__(self):
         self.validate()
@@ -175,13 +177,23 @@ class Config:
 # Kernels: matrix arithmetic on plain lists of rows, the only place where speed is won.
 # ======================================================================================
 # A matrix is a list of rows (lists or tuples of floats). Everything heavy reduces to
-# matmul_nt(X, W) = X @ W^T, a dot product of every row of X with every row of W.
+# `dots(x, rows)`: the dot product of one vector with every row of a prepared matrix.
 # The fast dot product uses math.dist (3.8+), which runs the whole row in C:
-#     a.b = |a|^2 + |b/2|^2 - |a - b/2|^2
-# with |b/2|^2 precomputed per row of W, so one C call does what sum(map(mul, a, b)) does
-# in about five times the time. Python 3.7 falls back to sum(map(mul, a, b)).
+#     x.w = |x|^2 + |w/2|^2 - |x - w/2|^2
+# so a matrix is prepared once as its rows halved (tuples) plus each |w/2|^2, and one C
+# call per row does what sum(map(mul, x, w)) does in about five times the time. Python 3.7
+# falls back to sum(map(mul, x, w)); there "prepared" rows are the rows themselves.
 
 _dist = getattr(math, "dist", None)
+_ZEROS = {}
+
+
+def zero_tuple(n):
+    """The origin of an n-dimensional space (cached: the dot kernel needs it on every call)."""
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = (0.0,) * n
+    return z
 
 
 def transpose(M):
@@ -190,40 +202,92 @@ def transpose(M):
 
 
 if _dist is not None:
-    def prepare_rows(W):
-        """Precompute what matmul_prepared needs from the right-hand matrix (its rows halved)."""
-        if not W:
-            return []
-        zero = (0.0,) * len(W[0])
-        halves = [tuple([0.5 * v for v in w]) for w in W]
-        return [(h, _dist(h, zero) ** 2) for h in halves]
+    HALF = 0.5                            # prepared rows are stored as HALF * row
 
-    def matmul_prepared(X, P):
-        """X (N, k) rows times prepared W (M, k) -> (N, M) rows of X @ W^T."""
-        if not X:
-            return []
-        dist = _dist
-        zero = (0.0,) * len(X[0])
-        out = []
-        for x in X:
-            x = tuple(x)
-            nx = dist(x, zero) ** 2
-            out.append([nx + nh - dist(x, h) ** 2 for h, nh in P])
-        return out
+    def prepare_row(w):
+        """-> (w/2 as a tuple, |w/2|^2)."""
+        h = tuple([0.5 * v for v in w])
+        return h, _dist(h, zero_tuple(len(h))) ** 2
+
+    def dots(x, halves, norms):
+        """[x . w for every prepared row w], one math.dist call per row."""
+        x = tuple(x)
+        nx = _dist(x, zero_tuple(len(x))) ** 2
+        return [nx + n - d * d for n, d in zip(norms, map(_dist, repeat(x), halves))]
 else:
-    def prepare_rows(W):
-        """Precompute what matmul_prepared needs from the right-hand matrix (nothing on 3.7)."""
-        return [tuple(w) for w in W]
+    HALF = 1.0
 
-    def matmul_prepared(X, P):
-        """X (N, k) rows times prepared W (M, k) -> (N, M) rows of X @ W^T."""
+    def prepare_row(w):
+        """-> (w as a tuple, unused norm)."""
+        return tuple(w), 0.0
+
+    def dots(x, rows, norms):
+        """[x . w for every row w]."""
         mul = operator.mul
-        return [[sum(map(mul, x, w)) for w in P] for x in X]
+        return [sum(map(mul, x, w)) for w in rows]
+
+
+def prepare_rows(W):
+    """(M, k) rows -> (halves, norms): what `dots` needs from the right-hand matrix."""
+    prepared = [prepare_row(w) for w in W]
+    return [h for h, _ in prepared], [n for _, n in prepared]
+
+
+def matmul_prepared(X, P):
+    """X (N, k) rows times prepared W (M, k) -> (N, M) rows of X @ W^T."""
+    halves, norms = P
+    return [dots(x, halves, norms) for x in X]
 
 
 def matmul_nt(X, W):
     """X (N, k) @ W(M, k)^T -> (N, M) rows."""
     return matmul_prepared(X, prepare_rows(W))
+
+
+# Generation's fixed-point kernel. A token step multiplies one vector by fixed matrices, so
+# each matrix W (M, k) is packed once: column j becomes one Python int whose 64-bit field i
+# holds round(w_ij * s). Then sum_j round(x_j * t) * column_j is k big-int multiply-adds
+# done in C, and field i of the total is (W x)_i * s * t. The weights sit in contiguous
+# digits instead of scattered float objects, which matters as much as the arithmetic: after
+# training has fragmented the heap, every float a dot product touches is a cache miss.
+# Error: |y_i - exact| <= 0.5 * (k * 2^(FIXED_BITS - 62) + 2^-FIXED_BITS) * max|W| * |x|_1
+# (about 4e-9 of that scale at k = 72), far below anything sampling can see.
+
+FIXED_BITS = 28                           # weights keep this many bits below max|W|
+_FIELD = 64
+_SIGN = 1 << (_FIELD - 1)
+
+
+class FixedMatrix:
+    """W (M, k) packed by columns for `fixed_dots`."""
+
+    def __init__(self, W):
+        self.rows, self.cols = len(W), len(W[0])
+        wmax = max(max(map(abs, w)) for w in W)
+        self.finite = math.isfinite(wmax)
+        self.scale = 2.0 ** FIXED_BITS / wmax if self.finite and wmax > 0 else 1.0
+        # every field offset by 2^63 makes it non-negative, so from_bytes can assemble it
+        self.offset = int.from_bytes(array.array("Q", [_SIGN] * self.rows).tobytes(), sys.byteorder)
+        s = self.scale
+        self.packed = [int.from_bytes(array.array("Q", [round(v * s) + _SIGN for v in col]).tobytes(),
+                                      sys.byteorder) - self.offset
+                       for col in zip(*W)] if self.finite else []
+
+
+def fixed_dots(x, fm):
+    """W x for a FixedMatrix, in 64-bit fixed point -> (M,) floats."""
+    l1 = sum(map(abs, x))
+    if not (fm.finite and math.isfinite(l1)):
+        return [math.nan] * fm.rows
+    if l1 == 0.0:
+        return [0.0] * fm.rows
+    t = 2.0 ** (62 - FIXED_BITS) / l1     # sum |x_j t| <= 2^(62 - bits): fields stay < 2^63
+    acc = sum(map(operator.mul, [round(v * t) for v in x], fm.packed))
+    # +offset makes each signed field f into f + 2^63 without carries; ^offset flips each
+    # field's top bit back, leaving f in two's complement for array("q")
+    fields = array.array("q", ((acc + fm.offset) ^ fm.offset).to_bytes(8 * fm.rows, sys.byteorder))
+    inv = 1.0 / (fm.scale * t)
+    return [v * inv for v in fields]
 
 
 def add_rows(A, B):
@@ -240,15 +304,29 @@ def zeros(rows, cols):
     return [[0.0] * cols for _ in range(rows)]
 
 
-def softmax_row(s):
+def softmax_row(s, scale=1.0):
+    """softmax(scale * s) of one row."""
     m = max(s)
-    e = [math.exp(v - m) for v in s]
+    exp = math.exp
+    e = [exp((v - m) * scale) for v in s]
     z = sum(e)
     return [v / z for v in e]
 
 
-def sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0
+def sigmoid_row(xs):
+    """Logistic function of each entry; exp(-x) would overflow below about -709."""
+    exp = math.exp
+    return [1.0 / (1.0 + exp(-v)) if v > -700.0 else 0.0 for v in xs]
+
+
+def sumsq(x):
+    """|x|^2."""
+    return _dist(x, zero_tuple(len(x))) ** 2 if _dist is not None else sum(v * v for v in x)
+
+
+def rms_scale(x, eps=1e-6):
+    """1 / rms(x): the factor RMSNorm multiplies a row by."""
+    return 1.0 / math.sqrt(sumsq(x) / len(x) + eps)
 
 
 class RopeTable:
@@ -380,7 +458,7 @@ def scale(a, s):
 
 def silu(a):
     X = a.data
-    S = [[sigmoid(v) for v in x] for x in X]
+    S = [sigmoid_row(x) for x in X]
     out = [[v * s for v, s in zip(x, sr)] for x, sr in zip(X, S)]
 
     def backward_fn(g):
@@ -395,7 +473,7 @@ def swiglu(gv):
     H = len(gv.data[0]) // 2
     G = [r[:H] for r in gv.data]
     V = [r[H:] for r in gv.data]
-    S = [[sigmoid(v) for v in g] for g in G]
+    S = [sigmoid_row(g) for g in G]
     act = [[v * s for v, s in zip(g, sr)] for g, sr in zip(G, S)]
     out = [list(map(operator.mul, a, v)) for a, v in zip(act, V)]
 
@@ -412,8 +490,7 @@ def rmsnorm(x, gain, eps=1e-6):
     X = x.data
     C = len(X[0])
     w = gain.data[0]
-    zero = [0.0] * C
-    R = [1.0 / math.sqrt(_sumsq(r, zero) / C + eps) for r in X]
+    R = [rms_scale(r, eps) for r in X]
     out = [[v * r * gw for v, gw in zip(row, w)] for row, r in zip(X, R)]
 
     def backward_fn(g):
@@ -429,10 +506,6 @@ def rmsnorm(x, gain, eps=1e-6):
             dgain = [[sum(col) for col in zip(*scaled)]]
         return gx, dgain
     return Tensor(out, (x, gain), backward_fn)
-
-
-def _sumsq(row, zero):
-    return _dist(row, zero) ** 2 if _dist is not None else sum(v * v for v in row)
 
 
 def embed(wte, ids):
@@ -489,10 +562,10 @@ def attention(qkv, n_seq, T, n_head, table):
             Q = [rope_rotate(r[o:o + hd], c, s) for r, (c, s) in zip(rows, angles)]
             K = [rope_rotate(r[C + o:C + o + hd], c, s) for r, (c, s) in zip(rows, angles)]
             V = [r[2 * C + o:2 * C + o + hd] for r in rows]
-            S = matmul_nt(Q, K)                           # (T, T); only j <= t is used
-            P = []
-            for t in range(T):
-                p = softmax_row([v * sc for v in S[t][:t + 1]])
+            Kh, Kn = prepare_rows(K)
+            P = []                                        # (T, T), zero above the diagonal
+            for t, q in enumerate(Q):
+                p = softmax_row(dots(q, Kh[:t + 1], Kn[:t + 1]), sc)
                 P.append(p + [0.0] * (T - 1 - t))
             O = matmul_nt(P, transpose(V))                # (T, hd)
             for t in range(T):
@@ -508,13 +581,13 @@ def attention(qkv, n_seq, T, n_head, table):
                 i += 1
                 o = h * hd
                 dO = [g[b * T + t][o:o + hd] for t in range(T)]
-                dP = matmul_nt(dO, V)                     # (T, T)
                 dV = matmul_nt(transpose(P), transpose(dO))
+                Vh, Vn = prepare_rows(V)
                 dS = []
-                for t in range(T):
-                    p, dp = P[t], dP[t]
-                    dot = sum(map(operator.mul, p[:t + 1], dp[:t + 1]))
-                    dS.append([sc * pj * (dpj - dot) for pj, dpj in zip(p[:t + 1], dp)]
+                for t, (p, do) in enumerate(zip(P, dO)):
+                    dp = dots(do, Vh[:t + 1], Vn[:t + 1])   # (t+1,): zip below stops there
+                    dot = sum(map(operator.mul, p, dp))
+                    dS.append([sc * pj * (dpj - dot) for pj, dpj in zip(p, dp)]
                               + [0.0] * (T - 1 - t))
                 dQ = matmul_nt(dS, transpose(K))
                 dK = matmul_nt(transpose(dS), transpose(Q))
@@ -992,60 +1065,105 @@ class GPT:
     def _inference_weights(self):
         """Effective weights merged and prepared once per weight version."""
         if self._infer is None or self._infer[0] != self.version:
+            if self.cfg.exact_generation:
+                prepare, matvec = prepare_rows, lambda x, P: dots(x, *P)
+            else:
+                prepare, matvec = FixedMatrix, fixed_dots
             layers = []
             for blk in self.blocks:
                 qkv = blk.wq.effective() + blk.wk.effective() + blk.wv.effective()
                 gv = blk.fc_g.effective() + blk.fc_v.effective()
-                layers.append((blk.ln1.data[0], prepare_rows(qkv), prepare_rows(blk.wo.effective()),
-                               blk.ln2.data[0], prepare_rows(gv), prepare_rows(blk.fc2.effective())))
-            head = prepare_rows(self.lm_head.effective())
-            self._infer = (self.version, layers, self.lnf.data[0], head)
+                layers.append((blk.ln1.data[0], prepare(qkv), prepare(blk.wo.effective()),
+                               blk.ln2.data[0], prepare(gv), prepare(blk.fc2.effective())))
+            head = prepare(self.lm_head.effective())
+            self._infer = (self.version, matvec, layers, self.lnf.data[0], head)
         return self._infer
 
     def new_cache(self):
-        """Per layer, per head: rotated keys (prepared for the dot kernel) and values."""
-        return {"pos": 0,
-                "k": [[[] for _ in range(self.cfg.n_head)] for _ in self.blocks],
-                "v": [[[] for _ in range(self.cfg.n_head)] for _ in self.blocks]}
+        return KVCache(self.cfg)
 
-    def step(self, cache, token):
-        """Feed one token at the cache's next position -> logits list (V,).
+    def step(self, cache, token, logits=True):
+        """Feed one token at the cache's next position -> logits list (V,), or None if not wanted.
 
         Past block_size tokens the oldest entry drops out of the window; RoPE makes scores
         depend only on relative positions, so nothing needs recomputing.
         """
         cfg = self.cfg
-        _, layers, lnf, head = self._inference_weights()
-        C, hd, nh = cfg.n_embd, cfg.head_dim, cfg.n_head
+        _, matvec, layers, lnf, head = self._inference_weights()
+        C, hd = cfg.n_embd, cfg.head_dim
         sc = 1.0 / math.sqrt(hd)
-        pos = cache["pos"]
-        cos, sin = self.rope.at(pos)
-        x = list(self.wte.data[token])
-        for li, (ln1, qkv_w, wo_w, ln2, gv_w, fc2_w) in enumerate(layers):
-            qkv = matmul_prepared([_rmsnorm_row(x, ln1)], qkv_w)[0]
+        cos, sin = self.rope.at(cache.pos)
+        exp = math.exp
+        x = self.wte.data[token]                                      # (C,)
+        for heads, (ln1, qkv_w, wo_w, ln2, gv_w, fc2_w) in zip(cache.layers, layers):
+            qkv = matvec(_rmsnorm_row(x, ln1), qkv_w)                  # (3C,) [q | k | v]
             att = []
-            for h in range(nh):
-                o = h * hd
-                q = rope_rotate(qkv[o:o + hd], cos, sin)
-                ks, vs = cache["k"][li][h], cache["v"][li][h]
-                ks.extend(prepare_rows([rope_rotate(qkv[C + o:C + o + hd], cos, sin)]))
-                vs.append(qkv[2 * C + o:2 * C + o + hd])
-                if len(ks) > cfg.block_size:
-                    del ks[0], vs[0]
-                p = softmax_row([v * sc for v in matmul_prepared([q], ks)[0]])
-                att.extend(matmul_nt([p], transpose(vs))[0])
-            x = list(map(operator.add, x, matmul_prepared([att], wo_w)[0]))
-            gv = matmul_prepared([_rmsnorm_row(x, ln2)], gv_w)[0]
+            for o, kv in zip(range(0, C, hd), heads):
+                kv.push(rope_rotate(qkv[C + o:C + o + hd], cos, sin), qkv[2 * C + o:2 * C + o + hd],
+                        cfg.block_size)
+                att.extend(kv.attend(rope_rotate(qkv[o:o + hd], cos, sin), sc))
+            x = [a + b for a, b in zip(x, matvec(att, wo_w))]
+            gv = matvec(_rmsnorm_row(x, ln2), gv_w)                    # (2H,) [gate | value]
             H = len(gv) // 2
-            act = [g * sigmoid(g) * v for g, v in zip(gv[:H], gv[H:])]
-            x = list(map(operator.add, x, matmul_prepared([act], fc2_w)[0]))
-        cache["pos"] = pos + 1
-        return matmul_prepared([_rmsnorm_row(x, lnf)], head)[0]
+            act = [g * v / (1.0 + exp(-g)) if g > -700.0 else 0.0 for g, v in zip(gv[:H], gv[H:])]
+            x = [a + b for a, b in zip(x, matvec(act, fc2_w))]
+        cache.pos += 1
+        return matvec(_rmsnorm_row(x, lnf), head) if logits else None
 
 
 def _rmsnorm_row(x, gain, eps=1e-6):
-    r = 1.0 / math.sqrt(sum(v * v for v in x) / len(x) + eps)
+    r = rms_scale(x, eps)
     return [v * r * g for v, g in zip(x, gain)]
+
+
+class HeadCache:
+    """One attention head's past: rotated keys as prepared rows, values stored by column.
+
+    Keeping values by column (each prepared, HALF-scaled, with a running |column|^2) makes
+    p . V one `dots` call per head dimension instead of a transpose per token.
+    """
+
+    def __init__(self, head_dim):
+        self.keys, self.key_norms = [], []          # (t,) prepared rows of the rotated keys
+        self.cols = [[] for _ in range(head_dim)]   # (head_dim,) columns of HALF * values
+        self.col_norms = [0.0] * head_dim
+        self.dropped = 0
+
+    def __len__(self):
+        return len(self.keys)
+
+    def push(self, k, v, window):
+        h, n = prepare_row(k)
+        self.keys.append(h)
+        self.key_norms.append(n)
+        for col, x in zip(self.cols, v):
+            col.append(HALF * x)
+        self.col_norms = [s + c[-1] * c[-1] for s, c in zip(self.col_norms, self.cols)]
+        if len(self.keys) > window:
+            del self.keys[0], self.key_norms[0]
+            self.col_norms = [s - c[0] * c[0] for s, c in zip(self.col_norms, self.cols)]
+            for col in self.cols:
+                del col[0]
+            self.dropped += 1
+            if self.dropped % window == 0:            # running sums drift; renew them exactly
+                self.col_norms = [sumsq(col) for col in self.cols]
+
+    def attend(self, q, scale):
+        """softmax(scale * q.K) . V for this head -> (head_dim,)."""
+        exp = math.exp
+        s = dots(q, self.keys, self.key_norms)
+        top = max(s)
+        p = [exp((v - top) * scale) for v in s]
+        z = sum(p)
+        return [v / z for v in dots(p, self.cols, self.col_norms)]
+
+
+class KVCache:
+    """Everything generation keeps between tokens: the position and each head's past."""
+
+    def __init__(self, cfg):
+        self.pos = 0
+        self.layers = [[HeadCache(cfg.head_dim) for _ in range(cfg.n_head)] for _ in range(cfg.n_layer)]
 
 
 
@@ -2297,7 +2415,7 @@ class Voice:
         if use_model:
             cache = model.new_cache()
             for t in prompt[:-1]:
-                model.step(cache, t)
+                model.step(cache, t, logits=False)
             logits = model.step(cache, prompt[-1])
         out, finished = [], False
         for _ in range(cfg.max_gen_tokens):

@@ -1,4 +1,5 @@
 """Every op's gradient against central finite differences (float64, small shapes)."""
+import math
 import random
 import unittest
 
@@ -133,6 +134,36 @@ class GraphTest(unittest.TestCase):
         for i in range(4):
             for j in range(5):
                 self.assertAlmostEqual(got[i][j], sum(a * b for a, b in zip(X[i], W[j])), places=11)
+
+
+    def test_fixed_point_kernel_within_its_error_bound(self):
+        rng = random.Random(4)
+        for M_rows, k in ((1, 1), (7, 72), (40, 288), (3, 5)):
+            W = [[rng.gauss(0, 0.3) for _ in range(k)] for _ in range(M_rows)]
+            fm = M.FixedMatrix(W)
+            wmax = max(abs(v) for r in W for v in r)
+            for x in ([rng.gauss(0, 1) for _ in range(k)],
+                      [rng.uniform(-1e6, 1e6) for _ in range(k)],
+                      [0.0] * (k - 1) + [3.5],                      # all weight on one input
+                      [1e-30 * rng.gauss(0, 1) for _ in range(k)]):
+                l1 = sum(abs(v) for v in x)
+                bound = 0.5 * (k * 2.0 ** (M.FIXED_BITS - 62) + 2.0 ** -M.FIXED_BITS) * wmax * l1
+                got = M.fixed_dots(x, fm)
+                for w, y in zip(W, got):
+                    exact = math.fsum(a * b for a, b in zip(w, x))
+                    self.assertLessEqual(abs(y - exact), bound * 1.0001 + 1e-300, (M_rows, k, x[:2]))
+
+    def test_fixed_point_kernel_special_inputs(self):
+        W = [[1.0, -2.0], [0.5, 0.25]]
+        fm = M.FixedMatrix(W)
+        self.assertEqual(M.fixed_dots([0.0, 0.0], fm), [0.0, 0.0])
+        self.assertTrue(all(math.isnan(v) for v in M.fixed_dots([float("nan"), 1.0], fm)))
+        self.assertTrue(all(math.isnan(v) for v in M.fixed_dots([float("inf"), 1.0], fm)))
+        self.assertEqual(M.fixed_dots([3.0, -1.0], M.FixedMatrix([[0.0, 0.0]])), [0.0])
+        self.assertTrue(math.isnan(M.fixed_dots([1.0, 1.0], M.FixedMatrix([[float("inf"), 0.0]]))[0]))
+        y = M.fixed_dots([2.0, 1.0], fm)
+        self.assertAlmostEqual(y[0], 0.0, places=7)
+        self.assertAlmostEqual(y[1], 1.25, places=7)
 
 
 if __name__ == "__main__":
