@@ -237,7 +237,7 @@ if _dist is not None:
 else:
     def prepare_rows(W):
         """(M, k) rows -> (rows as tuples, unused norms)."""
-        return [tuple(w) for w in W], None
+        return [tuple(w) for w in W], [0.0] * len(W)
 
 
 def matmul_prepared(X, P):
