@@ -925,6 +925,9 @@ LINEAR_NAMES = ("wq", "wk", "wv", "wo", "fc_g", "fc_v", "fc2")
 
 
 def _randn(rng, rows, cols, std):
+    """Gaussian rows, or zeros when rng is None (a model about to be overwritten by a checkpoint)."""
+    if rng is None:
+        return zeros(rows, cols)
     return [[rng.gauss(0.0, std) for _ in range(cols)] for _ in range(rows)]
 
 
@@ -955,10 +958,10 @@ class Block:
 
 
 class GPT:
-    def __init__(self, cfg, vocab_size=N_BASE_VOCAB, seed=0):
-        rng = random.Random(seed)
+    def __init__(self, cfg, vocab_size=N_BASE_VOCAB, seed=0, init=True):
         self.cfg = cfg
-        self.rng = rng                    # initializes rows added later (vocab, deltas, growth)
+        self.rng = random.Random(seed)    # initializes rows added later (vocab, deltas, growth)
+        rng = self.rng if init else None  # init=False: zeros, for a checkpoint to fill in
         self.wte = param(_randn(rng, vocab_size, cfg.n_embd, cfg.init_std))
         self.blocks = [Block(cfg, rng) for _ in range(cfg.n_layer)]
         self.lnf = param([[1.0] * cfg.n_embd])
@@ -1364,7 +1367,7 @@ def restore_checkpoint(body, cfg=None, seed=0):
     """Rebuild (model, opt, step, extra) from a checkpoint body, growing into cfg if it is larger."""
     try:
         saved_cfg = Config.from_dict(body["config"])
-        model = GPT(saved_cfg, body["vocab_size"], seed)
+        model = GPT(saved_cfg, body["vocab_size"], seed, init=False)
         for alpha in body["delta_alphas"]:
             model.add_delta()
             for _, lin in model.linears():
@@ -2119,6 +2122,7 @@ class Trainer:
         self.pending_novel = 0                # ... and how many the field had not seen
         self._stream = None
         self._recall = None
+        self._job_bytes = None                # (model, version, checkpoint bytes) for the next job
         self.refresh()
 
     # -- corpus, tokenizer and field -------------------------------------------------------
@@ -2219,8 +2223,19 @@ class Trainer:
         return figures
 
     # -- jobs --------------------------------------------------------------------------------
+    def brain_bytes(self):
+        """The brain as checkpoint bytes for a job: the worker's own bytes while nothing changed here.
+
+        The progress inside them may be stale; the worker only carries it, and adopt keeps ours.
+        """
+        model = self.brain.model
+        cached = self._job_bytes
+        if cached is None or cached[0] is not model or cached[1] != model.version:
+            self._job_bytes = (model, model.version, self.brain.to_bytes())
+        return self._job_bytes[2]
+
     def make_job(self, steps, **kw):
-        job = {"ckpt": self.brain.to_bytes(), "stream": self.stream(), "steps": steps,
+        job = {"ckpt": self.brain_bytes(), "stream": self.stream(), "steps": steps,
                "heldout": heldout_windows(self.heldout_stream, self.cfg.block_size), "seed": self.seed}
         job.update(kw)
         return job
@@ -2230,6 +2245,7 @@ class Trainer:
         progress = self.brain.progress
         self.brain = Brain.from_body(parse_checkpoint(result["ckpt"]), self.cfg, self.seed)
         self.brain.progress = progress
+        self._job_bytes = (self.brain.model, self.brain.model.version, result["ckpt"])
         progress["loss"] = sum(result["losses"]) / max(1, len(result["losses"]))
         progress["tokens_per_s"] = result.get("tokens", 0) / max(1e-9, result["seconds"])
         return self.brain

@@ -88,6 +88,20 @@ class TrainerTest(unittest.TestCase):
         self.assertLessEqual(h["mix_bpb"], min(h["field_bpb"], h["model_bpb"]) + 1e-9)
         self.assertEqual(M.Brain.load(self.ckpt, cfg).step, 16)
 
+    def test_jobs_reuse_the_workers_bytes_until_the_brain_changes(self):
+        cfg = tiny_trainer_config(warmup_steps=8)
+        t = self.trainer(cfg)
+        job = t.make_job(2)
+        self.assertIs(t.make_job(2)["ckpt"], job["ckpt"])            # nothing changed: no re-serializing
+        result = M.run_job(job)
+        t.adopt(result)
+        self.assertIs(t.make_job(2)["ckpt"], result["ckpt"])        # the worker's bytes go straight back
+        self.assertEqual(t.brain.step, 2)
+        t.brain.model.add_delta()                                   # a change made here must travel
+        sent = M.Brain.from_body(M.parse_checkpoint(t.make_job(2)["ckpt"]))
+        self.assertEqual(sent.model.n_deltas, 1)
+        self.assertEqual(sent.step, 2)
+
     def test_burst_waits_for_material_and_cooldown(self):
         cfg = tiny_trainer_config()
         t = self.warmed_up(cfg)
