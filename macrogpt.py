@@ -1754,6 +1754,162 @@ def bits_per_byte(nll_nats, n_bytes):
     return nll_nats / math.log(2) / max(1, n_bytes)
 
 
+# Recall and Lexicon: two more things the corpus knows, a topic and its words.
+
+WORD_RE = re.compile(r"[^\W\d_]{3,}")
+
+
+def content_words(text):
+    return set(w.lower() for w in WORD_RE.findall(text))
+
+
+class Recall:
+    """Which corpus answers follow questions that share rare words with a message.
+
+    It gives the field a topic: the answers found become a small local field mixed into
+    the global one, so a first-second reply is about what was asked, not only fluent.
+    """
+
+    def __init__(self, lines):
+        self.answers = []                          # A: lines that follow an H: line
+        self.index = {}                            # word -> answer indices
+        for q, a in zip(lines, lines[1:]):
+            if q.startswith("H:") and a.startswith("A:"):
+                for w in content_words(q):
+                    self.index.setdefault(w, []).append(len(self.answers))
+                self.answers.append(a)
+
+    def answers_for(self, text, k=4):
+        scores = {}
+        for w in content_words(text):
+            hits = self.index.get(w, ())
+            if hits:
+                idf = math.log(1.0 + len(self.answers) / len(hits))
+                for i in hits:
+                    scores[i] = scores.get(i, 0.0) + idf
+        best = sorted(scores, key=lambda i: (-scores[i], -i))[:k]
+        return [self.answers[i] for i in best]
+
+
+LETTERS_RE = re.compile(r"[^\W\d_]+")
+TRAILING_LETTERS_RE = re.compile(r"[^\W\d_]+$")
+
+
+class Lexicon:
+    """The corpus's words and their prefixes (lowercased), so that a reply never coins a word.
+
+    The field's back-off, and a young network, can join the start of one word to the end of
+    another ("sure" + "tch" -> "suretch"). A token may continue the word in progress only if
+    the result begins some known word, and may end it only if it is a known word. Tokens that
+    are part of a UTF-8 character are let in only if some character the corpus uses can
+    complete them acceptably, and never into bytes that are not UTF-8.
+    """
+
+    def __init__(self, lines=()):
+        self.words, self.prefixes = set(), {""}
+        self.next_letters = {}                     # prefix -> letters that continue it
+        self.symbols = set()                       # non-ASCII characters that are not letters
+        self._tokens = None                        # (tokenizer size, per-token letter runs)
+        for line in lines:
+            self.add(line)
+
+    def add(self, text):
+        text = text.lower()
+        for w in LETTERS_RE.findall(text):
+            if w not in self.words:
+                self.words.add(w)
+                for i in range(len(w)):
+                    self.prefixes.add(w[:i + 1])
+                    self.next_letters.setdefault(w[:i], set()).add(w[i])
+        self.symbols.update(c for c in text if ord(c) > 127 and not c.isalpha() and not 0xD800 <= ord(c) < 0xE000)
+
+    def _classify(self, tok):
+        """Per token id: (id, bytes, leading letter run, whether that is all of it, trailing run).
+
+        A token that is not whole UTF-8 by itself gets runs of None: it is judged by decoding.
+        """
+        if self._tokens is None or self._tokens[0] != tok.vocab_size:
+            table = []
+            for i in range(tok.vocab_size):
+                if i in (BOS, PAD):
+                    continue
+                data = tok.token_bytes(i) if i != EOS else b""
+                try:
+                    text = data.decode("utf-8").lower()
+                except UnicodeDecodeError:
+                    table.append((i, data, None, None, None))
+                    continue
+                lead = LETTERS_RE.match(text)
+                lead = lead.group() if lead else ""
+                trail = TRAILING_LETTERS_RE.search(text) if lead != text else None
+                table.append((i, data, lead, lead == text, trail.group() if trail else ""))
+            self._tokens = (tok.vocab_size, table)
+        return self._tokens[1]
+
+    def _fits(self, text):
+        """Whether every letter run of text is a known word, the last one possibly a prefix."""
+        for m in LETTERS_RE.finditer(text):
+            if m.group() not in (self.prefixes if m.end() == len(text) else self.words):
+                return False
+        return True
+
+    def _starts(self, tail, may_end):
+        """Byte strings that begin a character allowed next: a letter continuing tail, or a symbol."""
+        chars = set(self.next_letters.get(tail, ()))
+        if may_end:
+            chars |= self.symbols
+        return {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}
+
+    def guard(self, probs, tok, data):
+        """probs with every word-coining token removed; unchanged if that would remove them all.
+
+        `data` is the reply so far as bytes; its trailing letters are the word in progress.
+        """
+        done, pending = split_incomplete_utf8(data)
+        m = TRAILING_LETTERS_RE.search(done.decode("utf-8", "replace").lower())
+        tail = m.group() if m else ""
+        words, prefixes = self.words, self.prefixes
+        may_end = not tail or tail in words
+        starts = None
+        out = list(probs)
+        for i, raw, lead, whole, trail in self._classify(tok):
+            if pending and not raw:
+                ok = False                          # EOS may not cut a character in half
+            elif pending or lead is None:          # slow path: decode what this token completes
+                complete, rest = split_incomplete_utf8(pending + raw)
+                try:
+                    added = complete.decode("utf-8").lower()
+                except UnicodeDecodeError:
+                    ok = False
+                else:
+                    ok = self._fits(tail + added)
+                    if ok and rest:
+                        if starts is None:
+                            starts = self._starts(tail, may_end)
+                        ok = not added and rest in starts
+            elif lead:
+                ok = (tail + lead) in (prefixes if whole else words) and (not trail or trail in prefixes)
+            else:
+                ok = may_end and (not trail or trail in prefixes)
+            if not ok:
+                out[i] = 0.0
+        return out if sum(out) > 0.0 else probs
+
+
+def split_incomplete_utf8(data):
+    """bytes -> (bytes up to the last whole character, the start of an unfinished one)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:
+            break
+        if b >= 0xC0:                              # a lead byte: how long should its sequence be?
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if back < need:
+                return data[:-back], data[-back:]
+            break
+    return data, b""
+
+
 # ======================================================================================
 # Memory: one SQLite file holds the conversation, the living corpus, events and the growth log.
 # ======================================================================================
@@ -2124,6 +2280,7 @@ class Trainer:
         self._recall = None
         self._job_bytes = None                # (model, version, checkpoint bytes) for the next job
         self.refresh()
+        self.lexicon = Lexicon(self.memory.corpus_lines())
 
     # -- corpus, tokenizer and field -------------------------------------------------------
     def refresh(self):
@@ -2193,6 +2350,7 @@ class Trainer:
             self.pending_bytes += len(text_to_bytes(line))
             self.field.add(ids)
             self.lines_ids.append(ids)
+            self.lexicon.add(line)
         self._stream = None
         if self.memory.prune_corpus(self.cfg.max_corpus_lines, self.rng):
             self.refresh()
@@ -2381,41 +2539,6 @@ def clean_reply(text, finished):
     return text
 
 
-WORD_RE = re.compile(r"[^\W\d_]{3,}")
-
-
-def content_words(text):
-    return set(w.lower() for w in WORD_RE.findall(text))
-
-
-class Recall:
-    """Which corpus answers follow questions that share rare words with a message.
-
-    It gives the field a topic: the answers found become a small local field mixed into
-    the global one, so a first-second reply is about what was asked, not only fluent.
-    """
-
-    def __init__(self, lines):
-        self.answers = []                          # A: lines that follow an H: line
-        self.index = {}                            # word -> answer indices
-        for q, a in zip(lines, lines[1:]):
-            if q.startswith("H:") and a.startswith("A:"):
-                for w in content_words(q):
-                    self.index.setdefault(w, []).append(len(self.answers))
-                self.answers.append(a)
-
-    def answers_for(self, text, k=4):
-        scores = {}
-        for w in content_words(text):
-            hits = self.index.get(w, ())
-            if hits:
-                idf = math.log(1.0 + len(self.answers) / len(hits))
-                for i in hits:
-                    scores[i] = scores.get(i, 0.0) + idf
-        best = sorted(scores, key=lambda i: (-scores[i], -i))[:k]
-        return [self.answers[i] for i in best]
-
-
 class Voice:
     def __init__(self, cfg, seed=0):
         self.cfg = cfg
@@ -2433,7 +2556,7 @@ class Voice:
         keep = self.cfg.block_size - self.cfg.max_gen_tokens // 2
         return ids[-max(8, keep):]
 
-    def reply(self, brain, field, lam, history, user_text, recalled=(), attempts=4):
+    def reply(self, brain, field, lam, history, user_text, recalled=(), lexicon=None, attempts=4):
         """A non-empty reply that does not repeat one of the recent ones (when avoidable)."""
         local = None
         if recalled:
@@ -2443,12 +2566,12 @@ class Voice:
         said = {text for role, text in history if role == "assistant"}
         text = ""
         for _ in range(attempts):
-            text = self.generate(brain, field, lam, history, user_text, local) or text
+            text = self.generate(brain, field, lam, history, user_text, local, lexicon) or text
             if text and text not in said:
                 return text
         return text or FALLBACK_REPLY
 
-    def generate(self, brain, field, lam, history, user_text, local=None):
+    def generate(self, brain, field, lam, history, user_text, local=None, lexicon=None):
         cfg, tok, model = self.cfg, brain.tok, brain.model
         prompt = self.prompt_ids(tok, history, user_text)
         line = tok.encode("A:")                          # the field sees only the current line
@@ -2468,6 +2591,8 @@ class Voice:
             p[BOS] = p[PAD] = 0.0
             if len(out) < 2:
                 p[EOS] = 0.0                             # say something before stopping
+            if lexicon is not None:
+                p = lexicon.guard(p, tok, tok.decode_bytes(out))
             t = self.sampler.sample(normalize(p), history=out)
             if t == EOS:
                 finished = True
@@ -2544,8 +2669,9 @@ class Session:
         self.memory.add_message("user", text)
         history = self.memory.recent_messages(HISTORY_MESSAGES + 1)[:-1]
         recalled = self.trainer.recall().answers_for(text)
+        self.trainer.lexicon.add(text)                         # words you use are words it may use
         reply = self.voice.reply(self.brain, self.trainer.field, self.brain.progress["lambda"], history, text,
-                                 recalled)
+                                 recalled, self.trainer.lexicon)
         self.memory.add_message("assistant", reply)
         self.trainer.add_lines(turn_to_corpus_lines(text, reply))
         return reply

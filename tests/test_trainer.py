@@ -180,6 +180,43 @@ class VoiceTest(unittest.TestCase):
             total += len(words)
         self.assertGreater(known / total, 0.8)          # smoothing may coin a word; noise would not pass
 
+    def test_lexicon_guard_lets_words_grow_only_into_known_words(self):
+        tok = M.Tokenizer()                                  # bytes only: one letter per token
+        lex = M.Lexicon(["I am sure.", "A stretch of sand."])
+        p = [1.0] * tok.vocab_size
+        allowed = lambda text: {tok.decode([i]).lower() for i, v in enumerate(lex.guard(p, tok, text.encode())) if v > 0}
+        self.assertEqual({c for c in allowed("I am sur") if c.isalpha()}, {"e"})
+        self.assertNotIn(".", allowed("I am sur"))         # "sur" is not a word: it cannot end here
+        self.assertIn(".", allowed("I am sure"))
+        self.assertEqual({c for c in allowed("I am sure") if c.isalpha()}, set())   # no "suret..."
+        self.assertEqual({c for c in allowed("") if c.isalpha()}, set("iaso"))   # first letters
+        self.assertIn("!", allowed("a stretch"))           # punctuation never starts a word
+        only_z = [0.0] * tok.vocab_size
+        only_z[ord("z")] = 1.0
+        self.assertEqual(lex.guard(only_z, tok, b"I am"), only_z)   # never leaves nothing to say
+
+    def test_replies_use_only_corpus_words(self):
+        # Short lines sharing many letter sequences: a byte-level field backing off from an
+        # unseen context joins pieces of different words, so unguarded replies coin words.
+        lines = ["A: the %s %s near the %s." % (a, b, c) for a, b, c in
+                 zip(TOPICS, TOPICS[3:] + TOPICS[:3], TOPICS[7:] + TOPICS[:7])]
+        cfg = tiny_trainer_config(max_gen_tokens=40, min_gen_tokens=6, temperature=1.5,
+                                  top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0)
+        brain = M.Brain.fresh(cfg, seed=0)
+        field = M.NGramField(3, brain.tok.vocab_size, 0.75)
+        field.rebuild([brain.tok.encode(l) for l in lines])
+        lexicon = M.Lexicon(lines)
+
+        def coined(use_lexicon, n=12):
+            voice = M.Voice(cfg, seed=9)
+            bad = set()
+            for _ in range(n):
+                reply = voice.generate(brain, field, 0.0, [], "hello", None, lexicon if use_lexicon else None)
+                bad |= {w for w in M.LETTERS_RE.findall(reply.lower()) if w not in lexicon.words}
+            return bad
+        self.assertTrue(coined(False))                      # the test can fail: unguarded replies coin
+        self.assertEqual(coined(True), set())
+
     def test_clean_reply(self):
         self.assertEqual(M.clean_reply("A: hello there. and then", False), "hello there.")
         self.assertEqual(M.clean_reply("hello there H: next", True), "hello there")
