@@ -269,7 +269,7 @@ class FixedMatrix:
     """W (M, k) packed by columns for `fixed_dots`."""
 
     def __init__(self, W):
-        self.rows, self.cols = len(W), len(W[0])
+        self.rows = len(W)
         wmax = max(max(map(abs, w)) for w in W)
         self.finite = math.isfinite(wmax)
         self.scale = 2.0 ** FIXED_BITS / wmax if self.finite and wmax > 0 else 1.0
