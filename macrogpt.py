@@ -1824,12 +1824,15 @@ class Lexicon:
         self.symbols.update(c for c in text if ord(c) > 127 and not c.isalpha() and not 0xD800 <= ord(c) < 0xE000)
 
     def _classify(self, tok):
-        """Per token id: (id, bytes, leading letter run, whether that is all of it, trailing run).
+        """Token ids by shape, for `guard` (recomputed when the vocabulary grows).
 
-        A token that is not whole UTF-8 by itself gets runs of None: it is judged by decoding.
+        letters: (id, leading letter run, whether that is all of it, trailing run) of tokens
+        that start with a letter; breaks: (id, trailing run) of the other whole-UTF-8 tokens
+        (EOS among them); partials: (id, bytes, text of the whole characters or None if not
+        UTF-8, bytes of an unfinished last character) of tokens that split a character.
         """
         if self._tokens is None or self._tokens[0] != tok.vocab_size:
-            table = []
+            letters, breaks, partials = [], [], []
             for i in range(tok.vocab_size):
                 if i in (BOS, PAD):
                     continue
@@ -1837,14 +1840,22 @@ class Lexicon:
                 try:
                     text = data.decode("utf-8").lower()
                 except UnicodeDecodeError:
-                    table.append((i, data, None, None, None))
+                    complete, rest = split_incomplete_utf8(data)
+                    try:
+                        added = complete.decode("utf-8").lower()
+                    except UnicodeDecodeError:
+                        added = None
+                    partials.append((i, data, added, rest))
                     continue
                 lead = LETTERS_RE.match(text)
-                lead = lead.group() if lead else ""
-                trail = TRAILING_LETTERS_RE.search(text) if lead != text else None
-                table.append((i, data, lead, lead == text, trail.group() if trail else ""))
-            self._tokens = (tok.vocab_size, table)
-        return self._tokens[1]
+                trail = TRAILING_LETTERS_RE.search(text)
+                if lead:
+                    whole = lead.end() == len(text)
+                    letters.append((i, lead.group(), whole, "" if whole or not trail else trail.group()))
+                else:
+                    breaks.append((i, trail.group() if trail else ""))
+            self._tokens = (tok.vocab_size, letters, breaks, partials)
+        return self._tokens[1:]
 
     def _fits(self, text):
         """Whether every letter run of text is a known word, the last one possibly a prefix."""
@@ -1860,6 +1871,12 @@ class Lexicon:
             chars |= self.symbols
         return {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}
 
+    def _allows(self, tail, may_end, added, rest, starts):
+        """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail."""
+        if added is None or (added and rest) or not self._fits(tail + added):
+            return False
+        return not rest or rest in starts
+
     def guard(self, probs, tok, data):
         """probs with every word-coining token removed; unchanged if that would remove them all.
 
@@ -1868,30 +1885,30 @@ class Lexicon:
         done, pending = split_incomplete_utf8(data)
         m = TRAILING_LETTERS_RE.search(done.decode("utf-8", "replace").lower())
         tail = m.group() if m else ""
-        words, prefixes = self.words, self.prefixes
-        may_end = not tail or tail in words
-        starts = None
+        may_end = not tail or tail in self.words
+        starts = self._starts(tail, may_end)
+        letters, breaks, partials = self._classify(tok)
         out = list(probs)
-        for i, raw, lead, whole, trail in self._classify(tok):
-            if pending and not raw:
-                ok = False                          # EOS may not cut a character in half
-            elif pending or lead is None:          # slow path: decode what this token completes
+        if pending:                                # mid-character: decode what each token completes
+            for i in range(tok.vocab_size):
+                if i in (BOS, PAD):
+                    continue
+                raw = b"" if i == EOS else tok.token_bytes(i)
                 complete, rest = split_incomplete_utf8(pending + raw)
                 try:
                     added = complete.decode("utf-8").lower()
                 except UnicodeDecodeError:
-                    ok = False
-                else:
-                    ok = self._fits(tail + added)
-                    if ok and rest:
-                        if starts is None:
-                            starts = self._starts(tail, may_end)
-                        ok = not added and rest in starts
-            elif lead:
-                ok = (tail + lead) in (prefixes if whole else words) and (not trail or trail in prefixes)
-            else:
-                ok = may_end and (not trail or trail in prefixes)
-            if not ok:
+                    added = None
+                if not raw or not self._allows(tail, may_end, added, rest, starts):
+                    out[i] = 0.0                   # (EOS may not cut a character in half)
+        else:
+            words, prefixes = self.words, self.prefixes
+            banned = [i for i, lead, whole, trail in letters
+                      if (tail + lead) not in (prefixes if whole else words) or (trail and trail not in prefixes)]
+            banned += [i for i, trail in breaks if not may_end or (trail and trail not in prefixes)]
+            banned += [i for i, raw, added, rest in partials
+                       if not self._allows(tail, may_end, added, rest, starts)]
+            for i in banned:
                 out[i] = 0.0
         return out if sum(out) > 0.0 else probs
 

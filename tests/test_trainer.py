@@ -194,6 +194,14 @@ class VoiceTest(unittest.TestCase):
         only_z = [0.0] * tok.vocab_size
         only_z[ord("z")] = 1.0
         self.assertEqual(lex.guard(only_z, tok, b"I am"), only_z)   # never leaves nothing to say
+        cafe = M.Lexicon(["un caf\u00e9 noir"])                    # e-acute is c3 a9 in UTF-8
+        after_caf = cafe.guard(p, tok, b"caf")
+        self.assertGreater(after_caf[0xC3], 0.0)                  # may begin the e-acute ...
+        self.assertEqual(after_caf[0xC4], 0.0)                    # ... not another character
+        self.assertEqual(after_caf[0xA9], 0.0)                    # a stray continuation byte is not UTF-8
+        mid = cafe.guard(p, tok, b"caf\xc3")
+        self.assertEqual([i for i, v in enumerate(mid) if v > 0 and i < 256], [0x89, 0xA9])   # É or é
+        self.assertEqual(mid[M.EOS], 0.0)                         # a reply never ends mid-character
 
     def test_replies_use_only_corpus_words(self):
         # Short lines sharing many letter sequences: a byte-level field backing off from an
