@@ -2998,14 +2998,16 @@ def bench_tokenizer(lines, num_merges):
 def run_bench(cfg, corpus_path=None, out=print):
     t0 = time.perf_counter()
     result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
-              "kernel": "math.dist" if _dist is not None else "sum(map(mul))"}
+              "kernel": "math.dist" if _dist is not None else "sum(map(mul))",
+              "gen_kernel": "float" if cfg.exact_generation else "64-bit fixed point"}
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
     result.update(bench_model(cfg, out=out))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
     if corpus_path:
         result.update(bench_tokenizer(read_corpus_file(corpus_path), cfg.bpe_num_merges))
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    out("python %s | kernel %s | %d params" % (result["python"], result["kernel"], result["params"]))
+    out("python %s | kernel %s, generation %s | %d params"
+        % (result["python"], result["kernel"], result["gen_kernel"], result["params"]))
     out("train %.0f tok/s (%.0f MFLOP/s) | generate %.0f tok/s | naive matmul %.0f MFLOP/s"
         % (result["train_tokens_per_s"], result["train_mflops"], result["gen_tokens_per_s"],
            result["naive_mflops"]))
