@@ -2026,6 +2026,15 @@ class Memory:
     def corpus_lines(self):
         return [bytes_to_text(bytes(r[0])) for r in self.db.execute("SELECT line FROM corpus ORDER BY id")]
 
+    def corpus_mark(self):
+        """The newest corpus id: a burst records it, so a restart knows what is still unlearned."""
+        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM corpus").fetchone()[0]
+
+    def chat_bytes_after(self, mark):
+        """Bytes of conversation lines stored after corpus id `mark`."""
+        return self.db.execute("SELECT COALESCE(SUM(LENGTH(line)), 0) FROM corpus WHERE source = 'chat' AND id > ?",
+                               (mark,)).fetchone()[0]
+
     def corpus_stats(self):
         lines, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(line)), 0) FROM corpus").fetchone()
         chat = self.db.execute("SELECT COUNT(*) FROM corpus WHERE source = 'chat'").fetchone()[0]
@@ -2290,7 +2299,9 @@ class Trainer:
         self.status = "idle"
         self.last_burst = now()
         self.last_save = now()
-        self.pending_bytes = 0                # new chat bytes since the last burst
+        # new chat bytes since the last burst: counted from the database, so material that was
+        # waiting (or in a burst cut short by quitting) still triggers a burst after a restart
+        self.pending_bytes = memory.chat_bytes_after(memory.get_state("burst_mark", 0))
         self.pending_grams = 0                # their n-grams ...
         self.pending_novel = 0                # ... and how many the field had not seen
         self._stream = None
@@ -2460,12 +2471,15 @@ class Trainer:
         grow = self.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
         stream = self.stream()
         recent = max(0, len(stream) - max(cfg.seq_len * 2, self.pending_bytes))
+        mark = self.memory.corpus_mark()
         self.pending_bytes = self.pending_grams = self.pending_novel = 0
         self.last_burst = self.now()
         job = self.make_job(cfg.micro_steps, score_before=True, score_after=True,
                             add_delta=grow, recent_from=recent)
         result = await self.pool.submit(job)
-        return self.judge_burst(result, grow)
+        kept = self.judge_burst(result, grow)
+        self.memory.set_state("burst_mark", mark)     # kept or rolled back, this material is done
+        return kept
 
     def judge_burst(self, result, grew):
         before, after = nll_of(result["before"]), nll_of(result["after"])

@@ -118,6 +118,20 @@ class TrainerTest(unittest.TestCase):
         self.clock.t += 31
         self.assertTrue(t.burst_due())
 
+    def test_material_still_waiting_for_a_burst_survives_a_restart(self):
+        cfg = tiny_trainer_config()
+        t = self.warmed_up(cfg)
+        t.add_lines(M.turn_to_corpus_lines("where does the river go at night?", "it goes to the sea."))
+        pending = t.pending_bytes
+        self.assertGreater(pending, 0)
+        again = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
+        self.assertEqual(again.pending_bytes, pending)
+        self.clock.t += 100
+        self.assertTrue(again.burst_due())
+        self.run_tick(again)
+        third = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
+        self.assertEqual(third.pending_bytes, 0)                   # that material has had its burst
+
     def test_frozen_base_is_untouched_by_bursts(self):
         cfg = tiny_trainer_config(forget_tolerance=10.0)
         t = self.warmed_up(cfg)
