@@ -96,7 +96,7 @@ class Config:
     qb_min_novelty: float = 0.25         # ... or this share of unseen token n-grams
     qb_cooldown_seconds: float = 60.0    # minimum gap between bursts
     forget_tolerance: float = 0.02       # max relative held-out loss increase a burst may cause
-    checkpoint_every_seconds: float = 180.0
+    checkpoint_every_seconds: float = 60.0
     max_corpus_lines: int = 20000
     heldout_every: int = 10              # every n-th seed line is held out of training
     # tokenizer
