@@ -2491,6 +2491,7 @@ class Trainer:
                                    params=self.brain.model.num_params(), deltas=self.brain.model.n_deltas,
                                    loss=None, heldout_bpb=None, tokens_per_s=None,
                                    note="rejected burst: held-out loss %+.1f%%" % (100 * change))
+            self.save()                                 # the weights are as they were; the count is new
             return False
         brain = self.adopt(result)
         self.record_heldout(result["after"])

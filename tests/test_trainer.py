@@ -157,6 +157,7 @@ class TrainerTest(unittest.TestCase):
         self.assertIs(t.brain, before_brain)
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
         self.assertEqual(self.memory.rejected_bursts(), 1)
+        self.assertEqual(M.Brain.load(self.ckpt, cfg).progress["bursts"], 1)     # counted across a restart
         self.assertIn("rejected", self.memory.growth_rows()[-1]["note"])
 
     def test_judge_keeps_a_burst_within_tolerance(self):
