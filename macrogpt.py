@@ -62,6 +62,9 @@ class CheckpointError(MacroError):
 # Config: every knob, grouped by subsystem. Edit the defaults here to resize the model.
 # ======================================================================================
 
+_KIND_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
+
+
 @dataclass
 class Config:
     # model
@@ -125,6 +128,13 @@ class Config:
         self.validate()
 
     def validate(self):
+        for f in fields(self):
+            kind, value = f.type if isinstance(f.type, str) else f.type.__name__, getattr(self, f.name)
+            ok = (isinstance(value, bool) if kind == "bool" else
+                  isinstance(value, int) and not isinstance(value, bool) if kind == "int" else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            if not ok:
+                raise ConfigError("Config.%s must be %s, got %r" % (f.name, _KIND_NAMES[kind], value))
         positive = ("n_layer", "n_embd", "n_head", "block_size", "delta_rank", "max_delta_modules",
                     "lr_warmup_steps", "lr_decay_steps", "batch_size", "seq_len", "micro_steps",
                     "max_corpus_lines", "heldout_every", "field_order", "max_gen_tokens")

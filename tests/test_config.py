@@ -30,6 +30,15 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertRejects("min_p", min_p=-0.1)
         self.assertRejects("lr_min", lr_min=1.0, lr=0.1)
 
+    def test_values_of_the_wrong_kind_are_named(self):
+        self.assertRejects("Config.n_embd must be an integer, got 'big'", n_embd="big")
+        self.assertRejects("Config.n_layer must be an integer, got 2.5", n_layer=2.5)
+        self.assertRejects("Config.n_layer must be an integer, got True", n_layer=True)
+        self.assertRejects("Config.lr must be a finite number, got nan", lr=float("nan"))
+        self.assertRejects("Config.qb_cooldown_seconds must be a finite number", qb_cooldown_seconds=float("inf"))
+        self.assertRejects("Config.tie_embeddings must be true or false, got 1", tie_embeddings=1)
+        self.assertEqual(Config(lr=1).lr, 1)                      # an integer is a number
+
     def test_dict_round_trip(self):
         c = Config(n_layer=3, top_k=7)
         self.assertEqual(Config.from_dict(c.to_dict()), c)
