@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
-from itertools import repeat
+from itertools import chain, repeat
 
 VERSION = "0.1.0"
 
@@ -270,7 +270,11 @@ def matmul_nt(X, W):
 # Error: |y_i - exact| <= 0.5 * (k * 2^(FIXED_BITS - 62) + 2^-FIXED_BITS) * max|W| * |x|_1
 # (about 4e-9 of that scale at k = 72), far below anything sampling can see.
 
+# Weights or inputs whose largest magnitude is below FIXED_TINY count as zero (2^28 divided
+# by them would overflow a float).
+
 FIXED_BITS = 28                           # weights keep this many bits below max|W|
+FIXED_TINY = 1e-290
 _FIELD = 64
 _SIGN = 1 << (_FIELD - 1)
 
@@ -280,9 +284,9 @@ class FixedMatrix:
 
     def __init__(self, W):
         self.rows = len(W)
-        wmax = max(max(map(abs, w)) for w in W)
-        self.finite = math.isfinite(wmax)
-        self.scale = 2.0 ** FIXED_BITS / wmax if self.finite and wmax > 0 else 1.0
+        self.finite = all(map(math.isfinite, chain.from_iterable(W)))
+        wmax = max((max(map(abs, w)) for w in W), default=0.0) if self.finite else math.inf
+        self.scale = 2.0 ** FIXED_BITS / wmax if self.finite and wmax > FIXED_TINY else 1.0
         # every field offset by 2^63 makes it non-negative, so from_bytes can assemble it
         self.offset = int.from_bytes(array.array("Q", [_SIGN] * self.rows).tobytes(), sys.byteorder)
         s = self.scale
@@ -296,7 +300,7 @@ def fixed_dots(x, fm):
     l1 = sum(map(abs, x))
     if not (fm.finite and math.isfinite(l1)):
         return [math.nan] * fm.rows
-    if l1 == 0.0:
+    if l1 < FIXED_TINY:
         return [0.0] * fm.rows
     t = 2.0 ** (62 - FIXED_BITS) / l1     # sum |x_j t| <= 2^(62 - bits): fields stay < 2^63
     acc = sum(map(operator.mul, [round(v * t) for v in x], fm.packed))
@@ -1105,8 +1109,11 @@ class GPT:
     def step(self, cache, token, logits=True):
         """Feed one token at the cache's next position -> logits list (V,), or None if not wanted.
 
-        Past block_size tokens the oldest entry drops out of the window; RoPE makes scores
-        depend only on relative positions, so nothing needs recomputing.
+        Past block_size tokens the oldest entry drops out of every layer's window and nothing
+        is re-run (streaming sliding-window attention). RoPE makes scores depend only on
+        relative positions, so one layer then computes exactly what a fresh forward over the
+        last block_size tokens would; deeper layers keep entries computed while older tokens
+        were still in view, so a little of what lies beyond the window still reaches them.
         """
         cfg = self.cfg
         _, matvec, layers, lnf, head = self._inference_weights()
@@ -1805,6 +1812,15 @@ LETTERS_RE = re.compile(r"[^\W\d_]+")
 TRAILING_LETTERS_RE = re.compile(r"[^\W\d_]+$")
 
 
+def fold_case(text):
+    """text.lower(), except that a final sigma becomes an ordinary one.
+
+    str.lower() turns a capital sigma at the end of a word into "ς" and elsewhere into "σ", so a
+    word lowercased whole would differ from the same word lowercased token by token.
+    """
+    return text.lower().replace("ς", "σ")
+
+
 class Lexicon:
     """The corpus's words and their prefixes (lowercased), so that a reply never coins a word.
 
@@ -1824,7 +1840,7 @@ class Lexicon:
             self.add(line)
 
     def add(self, text):
-        text = text.lower()
+        text = fold_case(text)
         for w in LETTERS_RE.findall(text):
             if w not in self.words:
                 self.words.add(w)
@@ -1848,11 +1864,11 @@ class Lexicon:
                     continue
                 data = tok.token_bytes(i) if i != EOS else b""
                 try:
-                    text = data.decode("utf-8").lower()
+                    text = fold_case(data.decode("utf-8"))
                 except UnicodeDecodeError:
                     complete, rest = split_incomplete_utf8(data)
                     try:
-                        added = complete.decode("utf-8").lower()
+                        added = fold_case(complete.decode("utf-8"))
                     except UnicodeDecodeError:
                         added = None
                     partials.append((i, data, added, rest))
@@ -1893,7 +1909,7 @@ class Lexicon:
         `data` is the reply so far as bytes; its trailing letters are the word in progress.
         """
         done, pending = split_incomplete_utf8(data)
-        m = TRAILING_LETTERS_RE.search(done.decode("utf-8", "replace").lower())
+        m = TRAILING_LETTERS_RE.search(fold_case(done.decode("utf-8", "replace")))
         tail = m.group() if m else ""
         may_end = not tail or tail in self.words
         starts = self._starts(tail, may_end)
@@ -1906,7 +1922,7 @@ class Lexicon:
                 raw = b"" if i == EOS else tok.token_bytes(i)
                 complete, rest = split_incomplete_utf8(pending + raw)
                 try:
-                    added = complete.decode("utf-8").lower()
+                    added = fold_case(complete.decode("utf-8"))
                 except UnicodeDecodeError:
                     added = None
                 if not raw or not self._allows(tail, may_end, added, rest, starts):
@@ -2649,7 +2665,8 @@ class Voice:
                 break
             if use_model:
                 logits = model.step(cache, t)
-        return clean_reply(tok.decode(out), finished)
+        whole, _ = split_incomplete_utf8(tok.decode_bytes(out))   # out of tokens mid-character
+        return clean_reply(whole.decode("utf-8", "replace"), finished)
 
 
 # ======================================================================================

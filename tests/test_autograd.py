@@ -161,6 +161,11 @@ class GraphTest(unittest.TestCase):
         self.assertTrue(all(math.isnan(v) for v in M.fixed_dots([float("inf"), 1.0], fm)))
         self.assertEqual(M.fixed_dots([3.0, -1.0], M.FixedMatrix([[0.0, 0.0]])), [0.0])
         self.assertTrue(math.isnan(M.fixed_dots([1.0, 1.0], M.FixedMatrix([[float("inf"), 0.0]]))[0]))
+        nan_late = M.FixedMatrix([[1.0, 1.0], [1.0, float("nan")]])    # max() skips a NaN not in front
+        self.assertTrue(all(math.isnan(v) for v in M.fixed_dots([1.0, 1.0], nan_late)))
+        self.assertEqual(M.fixed_dots([1.0, 2.0], M.FixedMatrix([[1e-310, 0.0]])), [0.0])   # below FIXED_TINY
+        self.assertEqual(M.fixed_dots([5e-324, 0.0], fm), [0.0, 0.0])
+        self.assertAlmostEqual(M.fixed_dots([1.0, 0.0], M.FixedMatrix([[1e-280, 0.0]]))[0] / 1e-280, 1.0, places=7)
         y = M.fixed_dots([2.0, 1.0], fm)
         self.assertAlmostEqual(y[0], 0.0, places=7)
         self.assertAlmostEqual(y[1], 1.25, places=7)

@@ -218,6 +218,18 @@ class VoiceTest(unittest.TestCase):
         self.assertEqual([i for i, v in enumerate(mid) if v > 0 and i < 256], [0x89, 0xA9])   # É or é
         self.assertEqual(mid[M.EOS], 0.0)                         # a reply never ends mid-character
 
+    def test_lexicon_guard_reads_a_capital_final_sigma_as_its_tokens_do(self):
+        # "ΣΑΣ".lower() is "σας" but "Σ".lower() is "σ": lowered differently, the word in
+        # progress stopped being a known prefix, every token was banned and the guard gave up.
+        tok = M.Tokenizer()
+        lex = M.Lexicon(["\u03a3\u0391\u03a3\u0391 \u03c3\u03b1\u03b4"])      # "ΣΑΣΑ σαδ"
+        p = [1.0] * tok.vocab_size
+        p[M.BOS] = p[M.PAD] = 0.0
+        guarded = lex.guard(p, tok, "\u03a3\u0391\u03a3".encode() + b"\xce")   # "ΣΑΣ" and half of Α
+        self.assertFalse(guarded is p, "the guard gave up")
+        self.assertEqual(guarded[M.EOS], 0.0)
+        self.assertEqual([i for i, v in enumerate(guarded) if v > 0], [0x91, 0xB1])   # Α or α
+
     def test_replies_use_only_corpus_words(self):
         # Short lines sharing many letter sequences: a byte-level field backing off from an
         # unseen context joins pieces of different words, so unguarded replies coin words.
@@ -239,6 +251,18 @@ class VoiceTest(unittest.TestCase):
             return bad
         self.assertTrue(coined(False))                      # the test can fail: unguarded replies coin
         self.assertEqual(coined(True), set())
+
+    def test_a_reply_cut_short_never_ends_inside_a_character(self):
+        lines = ["A: \u6211\u559c\u6b22\u4e0b\u96e8\u5929\u56e0\u4e3a\u5f88\u5b89\u9759" * 2,
+                 "H: \u4f60\u597d\u5417\u4eca\u5929\u5929\u6c14\u600e\u4e48\u6837" * 2]   # no spaces
+        cfg = tiny_trainer_config(max_gen_tokens=14, min_gen_tokens=6)
+        brain = M.Brain.fresh(cfg, seed=0)
+        field = M.NGramField(3, brain.tok.vocab_size, 0.75)
+        field.rebuild([brain.tok.encode(l) for l in lines])
+        for seed in range(4):
+            reply = M.Voice(cfg, seed=seed).reply(brain, field, 0.0, [], "\u4f60\u597d", lexicon=M.Lexicon(lines))
+            self.assertTrue(reply)
+            self.assertNotIn("\ufffd", reply)
 
     def test_clean_reply(self):
         self.assertEqual(M.clean_reply("A: hello there. and then", False), "hello there.")
