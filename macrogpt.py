@@ -1636,7 +1636,7 @@ def validate_setting(cfg, name, text):
     try:
         value = kind(text)
     except ValueError:
-        raise MacroError("%s needs a%s number, got %r" % (name, "n integer" if kind is int else "", text))
+        raise MacroError("%s needs %s, got %r" % (name, "an integer" if kind is int else "a number", text))
     if kind is float and not math.isfinite(value):
         raise MacroError("%s must be a finite number" % name)
     try:
