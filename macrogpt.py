@@ -65,6 +65,15 @@ class CheckpointError(MacroError):
 _KIND_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
 
 
+def _is_kind(value, kind):
+    """Whether value fits a Config field annotated `kind` (bool is not an int here)."""
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 @dataclass
 class Config:
     # model
@@ -130,10 +139,7 @@ class Config:
     def validate(self):
         for f in fields(self):
             kind, value = f.type if isinstance(f.type, str) else f.type.__name__, getattr(self, f.name)
-            ok = (isinstance(value, bool) if kind == "bool" else
-                  isinstance(value, int) and not isinstance(value, bool) if kind == "int" else
-                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-            if not ok:
+            if not _is_kind(value, kind):
                 raise ConfigError("Config.%s must be %s, got %r" % (f.name, _KIND_NAMES[kind], value))
         positive = ("n_layer", "n_embd", "n_head", "block_size", "delta_rank", "max_delta_modules",
                     "lr_warmup_steps", "lr_decay_steps", "batch_size", "seq_len", "micro_steps",
@@ -270,11 +276,8 @@ def matmul_nt(X, W):
 # Error: |y_i - exact| <= 0.5 * (k * 2^(FIXED_BITS - 62) + 2^-FIXED_BITS) * max|W| * |x|_1
 # (about 4e-9 of that scale at k = 72), far below anything sampling can see.
 
-# Weights or inputs whose largest magnitude is below FIXED_TINY count as zero (2^28 divided
-# by them would overflow a float).
-
 FIXED_BITS = 28                           # weights keep this many bits below max|W|
-FIXED_TINY = 1e-290
+FIXED_TINY = 1e-290                       # smaller weights or inputs count as zero (2^28 / them overflows)
 _FIELD = 64
 _SIGN = 1 << (_FIELD - 1)
 
