@@ -3100,7 +3100,7 @@ def build_parser():
     p.add_argument("--corpus", default=None, help="seed corpus (default: nonames.txt here or beside the script)")
     p.add_argument("--db", default="memory.sqlite3", help="SQLite memory (default: %(default)s)")
     p.add_argument("--ckpt", default="macrogpt.ckpt", help="checkpoint file (default: %(default)s)")
-    p.add_argument("--config", default=None, metavar="JSON", help="JSON file of Config overrides")
+    p.add_argument("--config", default=None, metavar="FILE", help="JSON file of Config overrides")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and sampling")
     p.add_argument("--no-train", action="store_true", help="chat without background training")
     p.add_argument("--bench", action="store_true", help="measure training, generation and tokenizer speed")
