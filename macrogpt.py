@@ -147,7 +147,8 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError("Config.%s must be positive, got %r" % (name, getattr(self, name)))
-        for name in ("init_std", "lr", "rope_base", "temperature", "grad_clip", "adam_eps"):
+        for name in ("init_std", "lr", "rope_base", "temperature", "grad_clip", "adam_eps",
+                     "entropy_temp_boost", "entropy_temp_focus"):
             if not getattr(self, name) > 0:
                 raise ConfigError("Config.%s must be > 0, got %r" % (name, getattr(self, name)))
         if self.n_embd % self.n_head:
@@ -1313,16 +1314,21 @@ def atomic_write(path, data):
     """Write bytes so that a crash at any instant leaves either the old or the new file."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):             # disk full, or another process renamed it first
+            raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
         raise
     if hasattr(os, "O_DIRECTORY"):
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -1815,6 +1821,9 @@ LETTERS_RE = re.compile(r"[^\W\d_]+")
 TRAILING_LETTERS_RE = re.compile(r"[^\W\d_]+$")
 
 
+LEXICON_MAX_WORD = 40                      # longer letter runs (a pasted DNA string) are not words
+
+
 def fold_case(text):
     """text.lower(), except that a final sigma becomes an ordinary one.
 
@@ -1845,7 +1854,7 @@ class Lexicon:
     def add(self, text):
         text = fold_case(text)
         for w in LETTERS_RE.findall(text):
-            if w not in self.words:
+            if w not in self.words and len(w) <= LEXICON_MAX_WORD:   # prefixes cost len(w)^2
                 self.words.add(w)
                 for i in range(len(w)):
                     self.prefixes.add(w[:i + 1])
@@ -2747,7 +2756,10 @@ class Session:
         if name == "/status":
             return self.status(), False
         if name == "/save":
-            self.save()
+            try:
+                self.save()
+            except MacroError as e:
+                return "error: %s" % e, False
             return "saved", False
         if name in ("/quit", "/exit"):
             return None, True

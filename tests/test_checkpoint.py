@@ -78,11 +78,17 @@ class CheckpointTest(unittest.TestCase):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         other, other_opt = trained_model(seed=5)
         with mock.patch("os.replace", side_effect=OSError("simulated crash")):
-            with self.assertRaises(OSError):
+            with self.assertRaises(M.CheckpointError):          # one line for the user, not OSError
                 M.save_checkpoint(self.path, other, other_opt, 2)
         model, _, step, _ = M.restore_checkpoint(M.read_checkpoint(self.path))
         self.assertEqual(step, 1)
         self.assertEqual(model.forward([self.seq]).data, self.model.forward([self.seq]).data)
+
+    def test_unwritable_path_is_one_clear_error(self):
+        bad = os.path.join(self.path + "-missing-folder", "x.ckpt")
+        with self.assertRaises(M.CheckpointError) as cm:
+            M.save_checkpoint(bad, self.model, self.opt, 1)
+        self.assertIn("cannot write checkpoint", str(cm.exception))
 
     def test_killed_writer_leaves_previous_checkpoint(self):
         # a kill after the temp file is written but before the rename leaves only a stray .tmp

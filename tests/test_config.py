@@ -39,6 +39,10 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertRejects("Config.tie_embeddings must be true or false, got 1", tie_embeddings=1)
         self.assertEqual(Config(lr=1).lr, 1)                      # an integer is a number
 
+    def test_temperature_factors_must_be_positive(self):
+        self.assertRejects("entropy_temp_focus", entropy_temp_focus=0.0)      # divided by in sampling
+        self.assertRejects("entropy_temp_boost", entropy_temp_boost=-1.0)
+
     def test_dict_round_trip(self):
         c = Config(n_layer=3, top_k=7)
         self.assertEqual(Config.from_dict(c.to_dict()), c)

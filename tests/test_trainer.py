@@ -218,6 +218,10 @@ class VoiceTest(unittest.TestCase):
         self.assertEqual([i for i, v in enumerate(mid) if v > 0 and i < 256], [0x89, 0xA9])   # É or é
         self.assertEqual(mid[M.EOS], 0.0)                         # a reply never ends mid-character
 
+    def test_lexicon_skips_letter_runs_too_long_to_be_words(self):
+        lex = M.Lexicon(["ACGT" * 15000 + " and a cat"])          # all prefixes would take gigabytes
+        self.assertEqual(lex.words, {"and", "a", "cat"})
+
     def test_lexicon_guard_reads_a_capital_final_sigma_as_its_tokens_do(self):
         # "ΣΑΣ".lower() is "σας" but "Σ".lower() is "σ": lowered differently, the word in
         # progress stopped being a known prefix, every token was banned and the guard gave up.
