@@ -3179,6 +3179,9 @@ def main(argv=None):
     except MacroError as e:
         say("macrogpt: error: %s" % e, sys.stderr)
         return 2
+    except BrokenPipeError:                        # `| head` closed our output: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # quiet the exit-time flush
+        return 1
 
 
 if __name__ == "__main__":
