@@ -289,8 +289,8 @@ class FixedMatrix:
     def __init__(self, W):
         self.rows = len(W)
         self.finite = all(map(math.isfinite, chain.from_iterable(W)))
-        wmax = max((max(map(abs, w)) for w in W), default=0.0) if self.finite else math.inf
-        self.scale = 2.0 ** FIXED_BITS / wmax if self.finite and wmax > FIXED_TINY else 1.0
+        wmax = max((max(map(abs, w)) for w in W), default=0.0) if self.finite else 0.0
+        self.scale = 2.0 ** FIXED_BITS / wmax if wmax > FIXED_TINY else 1.0
         # every field offset by 2^63 makes it non-negative, so from_bytes can assemble it
         self.offset = int.from_bytes(array.array("Q", [_SIGN] * self.rows).tobytes(), sys.byteorder)
         s = self.scale
@@ -1312,23 +1312,25 @@ def unpack_rows(d, byteorder):
 
 def atomic_write(path, data):
     """Write bytes so that a crash at any instant leaves either the old or the new file."""
+    try:
+        _write_then_replace(path, data)
+    except OSError as e:                           # no folder, disk full, another process's rename
+        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
+
+
+def _write_then_replace(path, data):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = path + ".tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    except OSError as e:
-        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):             # disk full, or another process renamed it first
-            raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
         raise
     if hasattr(os, "O_DIRECTORY"):
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
