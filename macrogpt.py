@@ -27,6 +27,7 @@ import heapq
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import operator
 import os
 import random
@@ -102,7 +103,10 @@ class Config:
     seq_len: int = 64                    # tokens per training window (<= block_size)
     warmup_steps: int = 1200             # steps on the corpus before the base freezes
     micro_steps: int = 24                # steps per burst after warmup
-    freeze_base_after_warmup: bool = True
+    freeze_base_after_warmup: bool = True  # bursts train the delta adapters only
+    idle_training: bool = True           # when no burst is due, keep training on the whole corpus
+    idle_steps: int = 48                 # steps per idle phase
+    train_workers: int = 0               # training processes; 0: one per core
     delta_grow_prob: float = 0.25        # chance that a burst first appends a delta module
     qb_min_bytes: int = 480              # new bytes that trigger a burst ...
     qb_min_novelty: float = 0.25         # ... or this share of unseen token n-grams
@@ -143,7 +147,7 @@ class Config:
                 raise ConfigError("Config.%s must be %s, got %r" % (f.name, _KIND_NAMES[kind], value))
         positive = ("n_layer", "n_embd", "n_head", "block_size", "delta_rank", "max_delta_modules",
                     "lr_warmup_steps", "lr_decay_steps", "batch_size", "seq_len", "micro_steps",
-                    "max_corpus_lines", "heldout_every", "field_order", "max_gen_tokens")
+                    "max_corpus_lines", "heldout_every", "field_order", "max_gen_tokens", "idle_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError("Config.%s must be positive, got %r" % (name, getattr(self, name)))
@@ -166,7 +170,7 @@ class Config:
         for name in ("top_p", "min_p", "typical_p", "delta_grow_prob", "qb_min_novelty"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError("Config.%s must be in [0, 1], got %r" % (name, getattr(self, name)))
-        for name in ("top_k", "repetition_guard", "min_gen_tokens", "qb_min_bytes", "warmup_steps",
+        for name in ("top_k", "repetition_guard", "min_gen_tokens", "qb_min_bytes", "warmup_steps", "train_workers",
                      "enable_bpe_after_chars", "bpe_retrain_every_chars", "bpe_num_merges"):
             if getattr(self, name) < 0:
                 raise ConfigError("Config.%s must be >= 0, got %r" % (name, getattr(self, name)))
@@ -407,10 +411,6 @@ class Tensor:
             requires_grad = any(p.requires_grad for p in parents)
         self.requires_grad = requires_grad
         self.frozen_rows = 0              # parameters: rows below this index never change
-
-    @property
-    def shape(self):
-        return (len(self.data), len(self.data[0]) if self.data else 0)
 
     def freeze(self, rows=None):
         """Freeze the first `rows` rows (all by default); the optimizer never touches them."""
@@ -785,11 +785,6 @@ def _merge_pair(ids, pair, new_id):
     return out
 
 
-def _count_pairs(ids, weight, counts):
-    for pair in zip(ids, ids[1:]):
-        counts[pair] = counts.get(pair, 0) + weight
-
-
 class Tokenizer:
     def __init__(self, merges=()):
         self.merges = []                       # [(a, b)], rank order; merge i makes id 259 + i
@@ -1037,6 +1032,11 @@ class GPT:
             t.freeze()
         self.touch()
 
+    def set_trainable(self, base):
+        """Train the base weights too (warmup, idle learning) or only the deltas (bursts)."""
+        for _, t in self.base_params():
+            t.freeze(0 if base else None)
+
     def touch(self):
         self.version += 1
 
@@ -1181,12 +1181,8 @@ class HeadCache:
 
     def attend(self, q, scale):
         """softmax(scale * q.K) . V for this head -> (head_dim,)."""
-        exp = math.exp
-        s = dots(q, self.keys, self.key_norms)
-        top = max(s)
-        p = [exp((v - top) * scale) for v in s]
-        z = sum(p)
-        return [v / z for v in dots(p, self.cols, self.col_norms)]
+        p = softmax_row(dots(q, self.keys, self.key_norms), scale)
+        return dots(p, self.cols, self.col_norms)
 
 
 class KVCache:
@@ -1213,16 +1209,32 @@ def lr_at(step, cfg):
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
-class Adam:
-    """Adam over named parameters; state (m, v, update count) is kept per parameter name.
+@dataclass
+class AdamState:
+    """One parameter's moments and update counts, row by row."""
+    m: list                               # (rows, cols) first moments
+    v: list                               # (rows, cols) second moments
+    t: list                               # (rows,) updates each row has had
 
-    The update count is per parameter, so a delta appended late gets a fresh bias
-    correction instead of inheriting the global step's.
+    def extend(self, rows, cols):
+        """Rows appended to the parameter (vocabulary growth) start with no history."""
+        while len(self.m) < rows:
+            self.m.append([0.0] * cols)
+            self.v.append([0.0] * cols)
+            self.t.append(0)
+
+
+class Adam:
+    """Adam over named parameters; moments and update counts are kept per row.
+
+    The count is per row so that rows born late (a delta appended, token rows added by a
+    BPE retrain, a resize) get their own bias correction instead of inheriting a count of
+    thousands with zero moments, which would let them move at up to twice the intended rate.
     """
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.state = {}                   # name -> [m rows, v rows, t]
+        self.state = {}                   # name -> AdamState
 
     def step(self, named_params, lr):
         """Clip the global gradient norm, update trainable rows, clear grads -> the norm."""
@@ -1240,16 +1252,13 @@ class Adam:
         for name, p in live:
             st = self.state.get(name)
             if st is None:
-                st = self.state[name] = [[], [], 0]
-            m, v = st[0], st[1]
-            cols = len(p.data[0])
-            while len(m) < len(p.data):
-                m.append([0.0] * cols)
-                v.append([0.0] * cols)
-            st[2] += 1
-            t = st[2]
-            step_size = lr * sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+                st = self.state[name] = AdamState([], [], [])
+            st.extend(len(p.data), len(p.data[0]))
+            m, v, counts = st.m, st.v, st.t
             for i in range(p.frozen_rows, len(p.data)):
+                counts[i] += 1
+                t = counts[i]
+                step_size = lr * sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
                 g = p.grad[i]
                 mi = [b1 * a + c1 * x for a, x in zip(m[i], g)]
                 vi = [b2 * a + c2 * x * x for a, x in zip(v[i], g)]
@@ -1261,24 +1270,40 @@ class Adam:
 
 
 
-def train_step(model, opt, inputs, targets, lr):
-    """One forward, backward and Adam update -> the batch's mean loss (nats).
+class _NoCycleCollection:
+    """Pause the cyclic garbage collector: the graph has no cycles (see Autograd), so its
+    scans of a step's thousands of row lists find nothing and cost about 3% of the step
+    (callgrind, 3.11)."""
 
-    The cyclic garbage collector is paused meanwhile: the graph has no cycles (see Autograd),
-    so its scans of the step's thousands of row lists find nothing and cost about 3% of the
-    step (callgrind, 3.11).
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        loss = model.loss(inputs, targets)
-        loss.backward()
-        opt.step(model.named_params(), lr)
-    finally:
-        if was_enabled:
+    def __enter__(self):
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.was_enabled:
             gc.enable()
-    model.touch()
+        return False
+
+
+def backward_step(model, inputs, targets, weight=1.0):
+    """Forward and backward of weight * mean loss; gradients land in .grad -> the mean loss (nats).
+
+    A data-parallel shard passes its share of the batch's tokens as weight, so the shards'
+    gradients add up to the gradient of the whole batch's mean loss.
+    """
+    with _NoCycleCollection():
+        loss = model.loss(inputs, targets)
+        (scale(loss, weight) if weight != 1.0 else loss).backward()
     return loss.data[0][0]
+
+
+def train_step(model, opt, inputs, targets, lr):
+    """One forward, backward and Adam update -> the batch's mean loss (nats)."""
+    loss = backward_step(model, inputs, targets)
+    with _NoCycleCollection():
+        opt.step(model.named_params(), lr)
+    model.touch()
+    return loss
 
 
 # ======================================================================================
@@ -1288,7 +1313,7 @@ def train_step(model, opt, inputs, targets, lr):
 # The digest makes a torn or edited file fail loudly instead of loading wrong weights.
 
 CKPT_MAGIC = "macrogpt-checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2                          # 2: Adam counts per row, the model's random state
 GROWABLE = ("n_embd", "n_layer", "n_head", "delta_rank", "block_size")
 GROW_SCALE = 0.001                        # new weights start this fraction of a fresh init
 
@@ -1349,11 +1374,11 @@ def checkpoint_bytes(model, opt, step, extra=None):
         params[name] = entry
         st = opt.state.get(name)
         if st is not None:
-            adam[name] = {"m": pack_rows(st[0]), "v": pack_rows(st[1]), "t": st[2]}
+            adam[name] = {"m": pack_rows(st.m), "v": pack_rows(st.v), "t": st.t}
     body = {"version": CKPT_VERSION, "byteorder": sys.byteorder, "config": model.cfg.to_dict(),
             "step": step, "vocab_size": model.vocab_size, "n_deltas": model.n_deltas,
             "delta_alphas": [d.alpha for d in model.lm_head.deltas],
-            "params": params, "adam": adam, "extra": extra or {}}
+            "params": params, "adam": adam, "rng": model.rng.getstate(), "extra": extra or {}}
     text = json.dumps(body, separators=(",", ":")).encode("utf-8")
     header = "%s %d %s\n" % (CKPT_MAGIC, CKPT_VERSION, hashlib.sha256(text).hexdigest())
     return header.encode("ascii") + text
@@ -1412,7 +1437,12 @@ def restore_checkpoint(body, cfg=None, seed=0):
                 t.freeze(entry["frozen_rows"])
             st = body["adam"].get(name)
             if st is not None:
-                opt.state[name] = [unpack_rows(st["m"], order), unpack_rows(st["v"], order), st["t"]]
+                m, v = unpack_rows(st["m"], order), unpack_rows(st["v"], order)
+                counts = st["t"] if isinstance(st["t"], list) else [st["t"]] * len(m)   # format 1: one count
+                opt.state[name] = AdamState(m, v, list(counts))
+        if "rng" in body:                              # format 1 restarted the generator from the seed
+            version, internal, gauss = body["rng"]
+            model.rng.setstate((version, tuple(internal), gauss))
         step, extra = body["step"], body.get("extra", {})
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
@@ -1487,7 +1517,9 @@ def grow_model(model, opt, cfg, seed=0):
         st = opt.state.get(name)
         if st is not None:
             zero_m = zeros(len(t.data), len(t.data[0]))
-            new_opt.state[name] = [_embed_rows(st[0], zero_m, 0.0), _embed_rows(st[1], zero_m, 0.0), st[2]]
+            counts = st.t + [0] * (len(t.data) - len(st.t))
+            new_opt.state[name] = AdamState(_embed_rows(st.m, zero_m, 0.0), _embed_rows(st.v, zero_m, 0.0), counts)
+    grown.rng.setstate(model.rng.getstate())             # later rows continue the old stream
     return grown, new_opt
 
 
@@ -1511,10 +1543,7 @@ def normalize(probs):
 
 
 def softmax(logits, temperature=1.0):
-    m = max(logits)
-    e = [math.exp((v - m) / temperature) for v in logits]
-    total = sum(e)
-    return [v / total for v in e]
+    return softmax_row(logits, 1.0 / temperature)
 
 
 def entropy(probs):
@@ -1665,7 +1694,8 @@ def validate_setting(cfg, name, text):
 # the one below it:
 #     P_k(w | h) = max(c(h w) - D, 0) / c(h) + D * types(h) / c(h) * P_{k-1}(w | h')
 # and P_0 is uniform over the vocabulary. An unseen context h passes P_{k-1} through.
-# Every count is updated per added n-gram, so incremental adds equal a rebuild exactly.
+# Every count is updated per added or removed n-gram, so incremental changes equal a
+# rebuild exactly: a continuation count moves only when a raw k-gram appears or vanishes.
 
 class NGramField:
     def __init__(self, order, vocab_size, discount=0.75):
@@ -1678,27 +1708,44 @@ class NGramField:
         # tables[k][context tuple of k-1 tokens] = {token: count}; totals mirror the sums
         self.tables = [None] + [{} for _ in range(self.order)]
         self.totals = [None] + [{} for _ in range(self.order)]
-        self.seen = [None] + [set() for _ in range(self.order)]   # raw k-grams ever added (k >= 2)
+        self.seen = [None] + [{} for _ in range(self.order)]   # raw k-gram -> count (k >= 2)
         self.n_tokens = 0
 
-    def _bump(self, k, gram):
+    def _bump(self, k, gram, by=1):
         ctx, w = gram[:-1], gram[-1]
         row = self.tables[k].setdefault(ctx, {})
-        row[w] = row.get(w, 0) + 1
-        self.totals[k][ctx] = self.totals[k].get(ctx, 0) + 1
+        row[w] = row.get(w, 0) + by
+        self.totals[k][ctx] = self.totals[k].get(ctx, 0) + by
+        if not row[w]:                                        # gone: forget it, so a rebuild compares equal
+            del row[w]
+            if not row:
+                del self.tables[k][ctx], self.totals[k][ctx]
 
-    def add(self, ids):
-        """Count one line of token ids, framed by BOS padding and a closing EOS."""
+    def _grams(self, ids):
         N = self.order
         seq = [BOS] * (N - 1) + list(ids) + [EOS]
-        for i in range(N - 1, len(seq)):
+        return [tuple(seq[i - N + 1:i + 1]) for i in range(N - 1, len(seq))]
+
+    def add(self, ids, by=1):
+        """Count one line of token ids, framed by BOS padding and a closing EOS (by=-1 removes it)."""
+        N = self.order
+        for top in self._grams(ids):
             for k in range(2, N + 1):
-                gram = tuple(seq[i - k + 1:i + 1])
-                if gram not in self.seen[k]:
-                    self.seen[k].add(gram)
-                    self._bump(k - 1, gram[1:])               # a new left extension of gram[1:]
-            self._bump(N, tuple(seq[i - N + 1:i + 1]))
-        self.n_tokens += len(ids) + 1
+                gram = top[N - k:]
+                seen = self.seen[k]
+                before = seen.get(gram, 0)
+                if before + by:
+                    seen[gram] = before + by
+                else:
+                    del seen[gram]
+                if not before or not before + by:             # gram[1:] gained or lost a left extension
+                    self._bump(k - 1, gram[1:], by)
+            self._bump(N, top, by)
+        self.n_tokens += by * (len(ids) + 1)
+
+    def remove(self, ids):
+        """Exactly undo add(ids) of a line counted earlier."""
+        self.add(ids, by=-1)
 
     def rebuild(self, seqs):
         self.clear()
@@ -1764,18 +1811,21 @@ def mix(p_model, p_field, lam):
 LAMBDA_GRID = [i / 20 for i in range(21)]
 
 
+def nll_of(probs):
+    """Total negative log-likelihood (nats) of the probabilities given to the true tokens."""
+    return -sum(math.log(max(p, 1e-300)) for p in probs)
+
+
+def mix_nll(pairs, lam):
+    """Total NLL (nats) of the mix lam * network + (1 - lam) * field, from (p_model, p_field) pairs."""
+    return nll_of([lam * a + (1.0 - lam) * b for a, b in pairs])
+
+
 def best_lambda(pairs):
     """The mixing weight that minimizes held-out NLL, from (p_model, p_field) of each true token."""
     if not pairs:
         return 0.0
-    def nll(lam):
-        return -sum(math.log(max(lam * a + (1 - lam) * b, 1e-300)) for a, b in pairs)
-    return min(LAMBDA_GRID, key=nll)
-
-
-def nll_of(probs):
-    """Total negative log-likelihood (nats) of the probabilities given to the true tokens."""
-    return -sum(math.log(max(p, 1e-300)) for p in probs)
+    return min(LAMBDA_GRID, key=lambda lam: mix_nll(pairs, lam))
 
 
 def bits_per_byte(nll_nats, n_bytes):
@@ -1796,16 +1846,36 @@ class Recall:
 
     It gives the field a topic: the answers found become a small local field mixed into
     the global one, so a first-second reply is about what was asked, not only fluent.
+    A pair is an "H:" line and the "A:" line stored right after it (ids i and i + 1), so
+    adding or removing one line changes only its own pair, exactly as a rebuild would.
     """
 
-    def __init__(self, lines):
-        self.answers = []                          # A: lines that follow an H: line
-        self.index = {}                            # word -> answer indices
-        for q, a in zip(lines, lines[1:]):
-            if q.startswith("H:") and a.startswith("A:"):
-                for w in content_words(q):
-                    self.index.setdefault(w, []).append(len(self.answers))
-                self.answers.append(a)
+    def __init__(self, lines=()):
+        self.questions = {}                        # id -> H: line
+        self.answers = {}                          # id -> A: line whose question is id - 1
+        self.words = {}                            # answer id -> its question's content words
+        self.index = {}                            # word -> answer ids
+        for i, line in enumerate(lines):
+            self.add(i, line)
+
+    def add(self, i, line):
+        if line.startswith("H:"):
+            self.questions[i] = line
+        elif line.startswith("A:") and i - 1 in self.questions:
+            self.answers[i] = line
+            self.words[i] = content_words(self.questions[i - 1])
+            for w in self.words[i]:
+                self.index.setdefault(w, set()).add(i)
+
+    def remove(self, i):
+        self.questions.pop(i, None)
+        for a in (i, i + 1):                       # its own pair, or the pair it asked
+            if a in self.answers:
+                del self.answers[a]
+                for w in self.words.pop(a):
+                    self.index[w].discard(a)
+                    if not self.index[w]:
+                        del self.index[w]
 
     def answers_for(self, text, k=4):
         scores = {}
@@ -2054,17 +2124,33 @@ class Memory:
 
     # -- living corpus -----------------------------------------------------------------------
     def add_corpus_lines(self, lines, source):
-        """Insert lines not already present -> how many were new."""
-        now, added = time.time(), 0
+        """Insert lines not already present -> [(id, line)] of those that were new, in order."""
+        now, added = time.time(), []
         with self.transaction():
             for line in lines:
                 cur = self.db.execute("INSERT OR IGNORE INTO corpus (line, source, time) VALUES (?, ?, ?)",
                                       (text_to_bytes(line), source, now))
-                added += cur.rowcount
+                if cur.rowcount:
+                    added.append((cur.lastrowid, line))
         return added
 
+    def remove_corpus_lines(self, lines):
+        """Delete these lines from the corpus if present -> [(id, line)] of those removed."""
+        removed = []
+        with self.transaction():
+            for line in lines:
+                row = self.db.execute("SELECT id FROM corpus WHERE line = ?", (text_to_bytes(line),)).fetchone()
+                if row:
+                    self.db.execute("DELETE FROM corpus WHERE id = ?", row)
+                    removed.append((row[0], line))
+        return removed
+
+    def corpus_rows(self):
+        """[(id, line)] of the whole corpus in id order."""
+        return [(i, bytes_to_text(bytes(line))) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
+
     def corpus_lines(self):
-        return [bytes_to_text(bytes(r[0])) for r in self.db.execute("SELECT line FROM corpus ORDER BY id")]
+        return [line for _, line in self.corpus_rows()]
 
     def corpus_mark(self):
         """The newest corpus id: a burst records it, so a restart knows what is still unlearned."""
@@ -2081,18 +2167,18 @@ class Memory:
         return {"lines": lines, "bytes": size, "chat_lines": chat}
 
     def prune_corpus(self, max_lines, rng):
-        """Keep the newest half of max_lines and a random sample of the older lines -> removed."""
+        """Keep the newest half of max_lines and a random sample of the older lines -> removed ids."""
         ids = [r[0] for r in self.db.execute("SELECT id FROM corpus ORDER BY id")]
         if len(ids) <= max_lines:
-            return 0
+            return []
         newest = max_lines // 2
         older = ids[:len(ids) - newest]
         keep_old = set(rng.sample(older, max_lines - newest))
-        drop = [(i,) for i in older if i not in keep_old]
+        drop = [i for i in older if i not in keep_old]
         with self.transaction():
-            self.db.executemany("DELETE FROM corpus WHERE id = ?", drop)
+            self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i in drop])
         self.log_event("prune", "removed %d of %d corpus lines" % (len(drop), len(ids)))
-        return len(drop)
+        return drop
 
     # -- logs and small state ------------------------------------------------------------------
     def log_event(self, kind, detail):
@@ -2146,23 +2232,223 @@ def read_corpus_file(path):
     return [line for line in lines if line]
 
 
+
+
+# ======================================================================================
+# Corpus: the living text and everything derived from it, kept current line by line.
+# ======================================================================================
+# The database holds the training lines; the Corpus holds their token ids, the training
+# stream, the field, Recall, Lexicon and the held-out slice. A turn adds two lines and
+# pruning drops a few, and each change updates every derived structure in place; only a
+# BPE retrain re-encodes everything. Caches are keyed on `version`, which only goes up.
+#
+# The held-out slice is chosen by content: a seed line is held out when a hash of its text
+# says so, so editing the file or changing `heldout_every` cannot move a trained line into
+# the slice, and a held-out line never reaches the training side (database, field,
+# stream, BPE text), not even when someone types it in chat.
+
+HELDOUT_MAX_TOKENS = 1024                 # cap on the held-out slice scored per evaluation
+
+
+def is_heldout(line, every):
+    """Whether a seed line is held out: one line in `every`, chosen by a hash of its text."""
+    digest = hashlib.sha256(text_to_bytes(line)).digest()
+    return int.from_bytes(digest[:8], "big") % every == 0
+
+
 def split_heldout(lines, every):
-    """Every `every`-th line (1-based) is held out -> (train, heldout)."""
-    train, heldout = [], []
-    for i, line in enumerate(lines, 1):
-        (heldout if i % every == 0 else train).append(line)
-    return train, heldout
+    """-> (training lines, held-out lines), each in file order."""
+    train, held = [], []
+    for line in lines:
+        (held if is_heldout(line, every) else train).append(line)
+    return train, held
 
 
-def turn_to_corpus_lines(user, reply):
-    """A conversation turn in the corpus's own format."""
-    return ["H: " + " ".join(user.split()), "A: " + " ".join(reply.split())]
+def format_turn(role, text):
+    """A message as a corpus line: 'H: ...' or 'A: ...' with whitespace collapsed."""
+    return ("H: " if role == "user" else "A: ") + " ".join(text.split())
 
+
+@dataclass
+class Heldout:
+    """Held-out evidence: bits per byte of network, field and mix, and what set the mix."""
+    model_bpb: float
+    field_bpb: float
+    mix_bpb: float
+    lam: float                            # the mixing weight that minimized the mix's loss
+    bytes: int
+    nll: float                            # the network's total NLL (nats), for the forget guard
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        d.setdefault("lam", d.pop("lambda", 0.0))              # checkpoints before the Corpus
+        d.setdefault("nll", d["model_bpb"] * math.log(2) * d["bytes"])
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Pending:
+    """Conversation material not yet learned by a burst."""
+    bytes: int = 0
+    grams: int = 0                        # its token n-grams ...
+    novel: float = 0.0                    # ... and how many the field had not seen
+
+    @property
+    def novelty(self):
+        return self.novel / max(1, self.grams)
+
+
+class Corpus:
+    def __init__(self, cfg, memory, tok, heldout_lines, seed=0):
+        self.cfg, self.memory, self.tok = cfg, memory, tok
+        self.heldout_lines = list(heldout_lines)
+        self.rng = random.Random(seed)    # pruning's sample
+        self.version = 0                  # bumped on every change; the caches' key
+        self.texts, self.ids = {}, {}     # corpus id -> line, and its token ids (ascending ids)
+        self.n_bytes = 0
+        self.recall, self.lexicon = Recall(), Lexicon()
+        self.field = None
+        self._stream = self._field_probs = None
+        removed = memory.remove_corpus_lines(self.heldout_lines)   # a changed rule now holds them out
+        if removed:
+            memory.log_event("heldout", "removed %d held-out lines from the training side" % len(removed))
+        for i, line in memory.corpus_rows():
+            self.texts[i] = line
+            self.n_bytes += len(text_to_bytes(line))
+            self.recall.add(i, line)
+            self.lexicon.add(line)
+        self.pending = Pending(bytes=memory.chat_bytes_after(memory.get_state("burst_mark", 0)))
+        self.reencode()
+
+    def reencode(self):
+        """Encode every line and the held-out slice with the current tokenizer; rebuild the field."""
+        tok = self.tok
+        self.ids = {i: tok.encode(line) for i, line in self.texts.items()}
+        self.field = NGramField(self.cfg.field_order, tok.vocab_size, self.cfg.field_discount)
+        for ids in self.ids.values():
+            self.field.add(ids)
+        held = []
+        for line in self.heldout_lines:
+            held.extend(tok.encode(line) + [EOS])
+            if len(held) >= HELDOUT_MAX_TOKENS:
+                break
+        self.heldout_stream = [EOS] + held[:HELDOUT_MAX_TOKENS]
+        # bytes of text scored; each line end (EOS) counts as one byte, like a newline
+        self.heldout_bytes = sum(len(tok.token_bytes(t)) or 1 for t in self.heldout_stream[1:])
+        self.version += 1
+
+    # -- lines in and out ---------------------------------------------------------------------
+    def add(self, lines, source):
+        """Store new lines (a held-out line never), learn them everywhere, prune -> lines added."""
+        held = set(self.heldout_lines)
+        added = self.memory.add_corpus_lines([l for l in lines if l and l not in held], source)
+        for i, line in added:
+            ids = self.tok.encode(line)
+            if source == "chat":
+                self.pending.novel += self.field.novelty(ids) * (len(ids) + 1)
+                self.pending.grams += len(ids) + 1
+                self.pending.bytes += len(text_to_bytes(line))
+            self.texts[i], self.ids[i] = line, ids
+            self.n_bytes += len(text_to_bytes(line))
+            self.field.add(ids)
+            self.recall.add(i, line)
+            self.lexicon.add(line)
+        for i in self.memory.prune_corpus(self.cfg.max_corpus_lines, self.rng):
+            self.n_bytes -= len(text_to_bytes(self.texts.pop(i)))
+            self.field.remove(self.ids.pop(i))
+            self.recall.remove(i)
+        self.version += 1
+        return len(added)
+
+    def take_pending(self):
+        """The material waiting for a burst, now handed to one."""
+        pending, self.pending = self.pending, Pending()
+        return pending
+
+    def training_lines(self):
+        return list(self.texts.values())
+
+    # -- what the trainer reads --------------------------------------------------------------
+    def stream(self):
+        """The training lines as one token stream, EOS after every line."""
+        if self._stream is None or self._stream[0] != self.version:
+            out = [EOS]
+            for ids in self.ids.values():
+                out.extend(ids)
+                out.append(EOS)
+            self._stream = (self.version, out)
+        return self._stream[1]
+
+    def stream_offset(self, mark):
+        """Where in the stream the lines stored after corpus id `mark` begin."""
+        return 1 + sum(len(ids) + 1 for i, ids in self.ids.items() if i <= mark)
+
+    def field_probs(self):
+        """Field probability of every held-out token, context = the tokens earlier in its line."""
+        if self._field_probs is None or self._field_probs[0] != self.version:
+            out, line = [], []
+            for cur, nxt in zip(self.heldout_stream, self.heldout_stream[1:]):
+                line = [] if cur == EOS else line + [cur]
+                out.append(self.field.prob(line, nxt))
+            self._field_probs = (self.version, out)
+        return self._field_probs[1]
+
+    def evidence(self, model_probs):
+        """The network's probabilities of the held-out tokens -> Heldout figures and lambda."""
+        pairs = list(zip(model_probs, self.field_probs()))
+        lam = best_lambda(pairs)
+        n = self.heldout_bytes
+        return Heldout(model_bpb=bits_per_byte(mix_nll(pairs, 1.0), n), field_bpb=bits_per_byte(mix_nll(pairs, 0.0), n),
+                       mix_bpb=bits_per_byte(mix_nll(pairs, lam), n), lam=lam, bytes=n, nll=nll_of(model_probs))
+
+    # -- the tokenizer grows with the text ----------------------------------------------------
+    def bpe_due(self, done_chars):
+        if self.cfg.bpe_num_merges == 0:
+            return False
+        if done_chars == 0:
+            return self.n_bytes >= self.cfg.enable_bpe_after_chars
+        return self.n_bytes - done_chars >= self.cfg.bpe_retrain_every_chars
+
+    def retrain_bpe(self):
+        """Append merges learned from the training lines and re-encode -> the new ids."""
+        added = self.tok.train(self.training_lines(), self.cfg.bpe_num_merges)
+        if added:
+            self.reencode()
+            self.memory.log_event("bpe", "added %d merges; vocab %d" % (len(added), self.tok.vocab_size))
+        return added
 
 
 # ======================================================================================
 # Brain: the network, its optimizer and tokenizer, and the progress that travels with them.
 # ======================================================================================
+
+@dataclass
+class Progress:
+    """What the trainer has achieved, saved inside the checkpoint beside the weights."""
+    warmup_done: bool = False
+    bpe_chars: int = 0                    # corpus bytes when BPE last trained
+    lam: float = 0.0                      # the voice's mixing weight (0: the field speaks alone)
+    bursts: int = 0
+    idle_phases: int = 0                  # idle-learning phases judged (kept or rolled back)
+    loss: float = None                    # mean training loss of the last job (nats)
+    tokens_per_s: float = None
+    heldout: Heldout = None               # figures of the state the voice uses
+    best_nll: float = None                # the best accepted held-out NLL: the forget guard's bar
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        if "lambda" in d:                                      # checkpoints before the Corpus
+            d["lam"] = d.pop("lambda")
+        if d.get("heldout"):
+            d["heldout"] = Heldout.from_dict(d["heldout"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
 
 class Brain:
     def __init__(self, model, opt, step, tok, progress):
@@ -2170,16 +2456,11 @@ class Brain:
         self.opt = opt
         self.step = step                          # global optimizer step (drives the LR schedule)
         self.tok = tok
-        self.progress = progress                  # JSON-able dict; see new_progress()
-
-    @staticmethod
-    def new_progress():
-        return {"warmup_done": False, "bpe_chars": 0, "lambda": 0.0, "bursts": 0,
-                "loss": None, "tokens_per_s": None, "heldout": None}
+        self.progress = progress                  # Progress
 
     @classmethod
     def fresh(cls, cfg, seed=0):
-        return cls(GPT(cfg, N_BASE_VOCAB, seed), Adam(cfg), 0, Tokenizer(), cls.new_progress())
+        return cls(GPT(cfg, N_BASE_VOCAB, seed), Adam(cfg), 0, Tokenizer(), Progress())
 
     @classmethod
     def from_body(cls, body, cfg=None, seed=0):
@@ -2190,16 +2471,29 @@ class Brain:
         if tok.vocab_size != model.vocab_size:
             raise CheckpointError("checkpoint is inconsistent: tokenizer has %d ids, model %d rows"
                                   % (tok.vocab_size, model.vocab_size))
-        progress = cls.new_progress()
-        progress.update(extra.get("progress", {}))
+        try:
+            progress = Progress.from_dict(extra.get("progress", {}))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError("checkpoint progress is damaged (%s)" % e)
         return cls(model, opt, step, tok, progress)
+
+    @classmethod
+    def from_bytes(cls, raw, cfg=None, seed=0):
+        return cls.from_body(parse_checkpoint(raw), cfg, seed)
 
     @classmethod
     def load(cls, path, cfg=None, seed=0):
         return cls.from_body(read_checkpoint(path), cfg, seed)
 
+    @classmethod
+    def load_or_fresh(cls, path, cfg, seed=0):
+        """The checkpoint at path if there is one, else a newborn brain."""
+        if path and os.path.exists(path):
+            return cls.load(path, cfg, seed)
+        return cls.fresh(cfg, seed)
+
     def to_bytes(self):
-        extra = {"tokenizer": self.tok.to_dict(), "progress": self.progress}
+        extra = {"tokenizer": self.tok.to_dict(), "progress": self.progress.to_dict()}
         return checkpoint_bytes(self.model, self.opt, self.step, extra)
 
     def save(self, path):
@@ -2207,12 +2501,24 @@ class Brain:
 
 
 # ======================================================================================
-# Training jobs: pure functions from checkpoint bytes to checkpoint bytes, run in a worker.
+# Workers: data-parallel training on every core, each worker holding a replica of the brain.
 # ======================================================================================
-# The trainer sends a job (the brain as checkpoint bytes, the token windows, the number of
-# steps) to a worker process, so training and chat use different cores and the prompt never
-# waits on a training step. The worker keeps no state: whatever it returns, the caller may
-# adopt or throw away, which is also how a burst is rolled back.
+# The brain is sent to the workers once, and again only after something outside changed it
+# (BPE growth, a new delta, a rollback). Each step the trainer cuts the batch into one shard
+# per worker. Every worker writes the gradient of its shard, weighted by the shard's share
+# of the batch's tokens, into its own slot of a shared array; then each worker sums all
+# slots in the same order and applies the same Adam update, so the replicas stay
+# bit-identical and no weights cross a process boundary. With no worker processes the same
+# Replica runs in the chat process (tests, and a machine where spawning fails).
+#
+# A worker that dies or hangs costs the step in flight: the coordinator notices (its pipe
+# closes, or it misses a generous deadline), takes the weights from a surviving worker (or
+# from the last state the trainer adopted), restarts the workers and goes on. Workers run
+# at a lower priority than the chat process and leave when their parent is gone.
+
+WORKER_NICE = 10                          # workers yield the CPU to the chat process
+WORKER_TIMEOUT = 600.0                    # seconds without an answer before a worker counts as hung
+
 
 def sample_windows(stream, n, length, rng, recent_from=None):
     """n windows of `length` + 1 tokens from the stream; if recent_from is set, half start there."""
@@ -2243,326 +2549,565 @@ def target_probs(model, windows):
     return out
 
 
-def run_job(job):
-    """Worker entry point: optionally append a delta, train, and score held-out windows."""
-    t0 = time.perf_counter()
-    brain = Brain.from_body(parse_checkpoint(job["ckpt"]), seed=job.get("seed", 0))
-    model, cfg = brain.model, brain.model.cfg
-    result = {"losses": [], "before": None, "after": None}
-    if job.get("score_before"):
-        result["before"] = target_probs(model, job["heldout"])
-    if job.get("freeze"):
-        model.freeze_base()
-    if job.get("add_delta"):
-        model.add_delta()
-    rng = random.Random(job.get("seed", 0) + brain.step)
-    for _ in range(job.get("steps", 0)):
-        seqs = sample_windows(job["stream"], cfg.batch_size, cfg.seq_len, rng, job.get("recent_from"))
-        n = min(len(s) for s in seqs)
-        seqs = [s[:n] for s in seqs]
-        loss = train_step(model, brain.opt, [s[:-1] for s in seqs], [s[1:] for s in seqs],
-                          lr_at(brain.step, cfg))
-        brain.step += 1
-        result["losses"].append(loss)
-        result["tokens"] = result.get("tokens", 0) + len(seqs) * (n - 1)
-    if job.get("score_after"):
-        result["after"] = target_probs(model, job["heldout"])
-    result["ckpt"] = checkpoint_bytes(model, brain.opt, brain.step, {"tokenizer": brain.tok.to_dict(),
-                                                                      "progress": brain.progress})
-    result["seconds"] = time.perf_counter() - t0
-    return result
+class Replica:
+    """One copy of the brain and the pieces of a data-parallel step that run beside it."""
+
+    def __init__(self, raw, seed=0):
+        self.brain = Brain.from_bytes(raw, seed=seed)
+
+    def trainable(self, train_base):
+        self.brain.model.set_trainable(train_base)
+        return [t for _, t in self.brain.model.named_params() if t.requires_grad]
+
+    def grad(self, shard, weight, train_base):
+        """Gradient of weight * the shard's mean loss, flattened -> (loss, tokens, array('d'))."""
+        params = self.trainable(train_base)
+        loss = backward_step(self.brain.model, [s[:-1] for s in shard], [s[1:] for s in shard], weight)
+        flat = array.array("d")
+        for p in params:
+            if p.grad is None:
+                flat.extend(repeat(0.0, len(p.data) * len(p.data[0])))
+            else:
+                for row in p.grad:
+                    flat.extend(row)
+        return loss, sum(len(s) - 1 for s in shard), flat
+
+    def apply(self, flat, lr, train_base):
+        """Set the summed gradient and take one Adam step."""
+        o = 0
+        for p in self.trainable(train_base):
+            cols = len(p.data[0])
+            p.grad = [flat[o + r * cols:o + (r + 1) * cols] for r in range(len(p.data))]
+            o += len(p.data) * cols
+        with _NoCycleCollection():
+            self.brain.opt.step(self.brain.model.named_params(), lr)
+        self.brain.model.touch()
+        self.brain.step += 1
+
+    def grad_size(self, train_base):
+        return sum(len(p.data) * len(p.data[0]) for p in self.trainable(train_base))
+
+    def add_delta(self):
+        return self.brain.model.add_delta()
+
+    def score(self, windows):
+        """-> one list of true-token probabilities per window."""
+        return [target_probs(self.brain.model, [w]) for w in windows]
+
+    def to_bytes(self):
+        return self.brain.to_bytes()
 
 
-def _ignore_sigint():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent decides what Ctrl+C means
+def _sum_slots(view, n, capacity, size):
+    """Slot 0 + slot 1 + ... in that order, so every worker gets the very same floats."""
+    total = view[0:size].tolist()
+    for k in range(1, n):
+        total = list(map(operator.add, total, view[k * capacity:k * capacity + size].tolist()))
+    return total
 
 
-class WorkerPool:
-    """One spawned worker process; jobs come back as asyncio futures; terminate() is immediate."""
+def _worker_main(conn, shared, slot, capacity, seed):
+    """A worker process: answer the coordinator's messages until told to stop or orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the parent decides what Ctrl+C means
+    if hasattr(os, "nice"):
+        os.nice(WORKER_NICE)
+    parent = os.getppid()
+    view = memoryview(shared).cast("B").cast("d")
+    replica = None
+    while True:
+        if not conn.poll(1.0):
+            if os.getppid() != parent:                 # the parent died (kill -9): leave with it
+                return
+            continue
+        try:
+            seq, kind, *args = conn.recv()
+        except (EOFError, OSError):
+            return
+        if kind == "stop":
+            return
+        try:
+            reply = None
+            if kind == "load":
+                replica = Replica(args[0], seed)
+            elif kind == "grad":
+                loss, tokens, flat = replica.grad(*args)
+                if len(flat) > capacity:
+                    raise MacroError("gradient of %d floats exceeds the shared slot of %d" % (len(flat), capacity))
+                view[slot * capacity:slot * capacity + len(flat)] = flat
+                reply = (loss, tokens)
+            elif kind == "apply":
+                n, lr, train_base = args
+                replica.apply(_sum_slots(view, n, capacity, replica.grad_size(train_base)), lr, train_base)
+            else:
+                reply = getattr(replica, kind)(*args)   # add_delta, score, to_bytes
+            answer = (seq, "ok", reply)
+        except Exception as e:                         # the worker's boundary: report, stay alive
+            answer = (seq, "error", "%s: %s" % (type(e).__name__, e))
+        try:
+            conn.send(answer)
+        except OSError:                                # the parent is gone
+            return
 
-    def __init__(self):
+
+def worker_count(cfg):
+    """Config.train_workers, where 0 means one per core."""
+    return cfg.train_workers or os.cpu_count() or 1
+
+
+class WorkerLost(Exception):
+    """A worker died, hung, or failed a step."""
+
+
+class Workers:
+    """n worker processes that train one brain together; n = 0 runs a Replica in this process."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.seed = n, seed
+        self.procs, self.conns = [], []
+        self.shared, self.capacity = None, 0
+        self.local = None                          # the Replica when n = 0
+        self.loaded = False
+        self.restarts = 0
+        self.last_failure = None                   # what happened, for /status
+        self.closed = False
+        self.seq = 0                               # numbers the calls
+
+    # -- processes -------------------------------------------------------------------------
+    def _start(self, capacity):
+        self._stop()
         ctx = multiprocessing.get_context("spawn")
-        self.pool = ctx.Pool(1, initializer=_ignore_sigint)
+        self.capacity = capacity
+        self.shared = ctx.RawArray("d", self.n * capacity)
+        for slot in range(self.n):
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(theirs, self.shared, slot, capacity, self.seed),
+                            daemon=True, name="macrogpt-worker-%d" % slot)
+            p.start()
+            theirs.close()
+            self.procs.append(p)
+            self.conns.append(mine)
 
-    def submit(self, job):
+    def _stop(self):
+        for conn in self.conns:
+            try:
+                conn.send((0, "stop"))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.0
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill() if hasattr(p, "kill") else p.terminate()
+                p.join(1.0)
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+
+    def close(self):
+        """Stop every worker; returns within about two seconds whatever they are doing."""
+        self.closed = True
+        self._stop()
+
+    def _call(self, messages):
+        """Send messages[i] to worker i (None: skip) and wait for every answer -> replies.
+
+        Each call has its own number, so an answer left over from a call cut short by a failure
+        is recognised and dropped."""
+        self.seq += 1
+        waiting = {}
+        for i, msg in enumerate(messages):
+            if msg is not None:
+                try:
+                    self.conns[i].send((self.seq,) + msg)
+                except OSError:
+                    raise WorkerLost("worker %d is gone" % i)
+                waiting[i] = None
+        replies = {}
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        conn_index = {id(c): i for i, c in enumerate(self.conns)}
+        while len(replies) < len(waiting):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerLost("a worker did not answer for %.0f s" % WORKER_TIMEOUT)
+            ready = multiprocessing.connection.wait([self.conns[i] for i in waiting if i not in replies]
+                                                    + [self.procs[i].sentinel for i in waiting if i not in replies],
+                                                    min(left, 1.0))
+            for obj in ready:
+                i = conn_index.get(id(obj))
+                if i is None:                          # a process sentinel: that worker exited
+                    i = [k for k in waiting if self.procs[k].sentinel == obj][0]
+                    if self.conns[i].poll():           # it answered just before exiting
+                        continue
+                    raise WorkerLost("worker %d exited (code %s)" % (i, self.procs[i].exitcode))
+                try:
+                    seq, status, value = self.conns[i].recv()
+                except (EOFError, OSError):
+                    raise WorkerLost("worker %d died (code %s)" % (i, self.procs[i].exitcode))
+                if seq != self.seq:
+                    continue
+                if status != "ok":
+                    raise WorkerLost("worker %d failed: %s" % (i, value))
+                replies[i] = value
+        return [replies.get(i) for i in range(len(messages))]
+
+    # -- what the trainer asks ---------------------------------------------------------------
+    def load(self, raw, n_params):
+        """Give every worker this brain (checkpoint bytes)."""
+        if self.n == 0:
+            self.local = Replica(raw, self.seed)
+        else:
+            if not self.procs or n_params > self.capacity:
+                self._start(int(n_params * 1.25) + 1024)   # room for some growth before a restart
+            self._call([("load", raw)] * self.n)
+        self.loaded = True
+
+    def step(self, batch, lr, train_base):
+        """One data-parallel step on the batch (windows of equal length) -> (mean loss, tokens)."""
+        if self.n == 0:
+            loss, tokens, flat = self.local.grad(batch, 1.0, train_base)
+            self.local.apply(flat, lr, train_base)
+            return loss, tokens
+        shards = [batch[k::self.n] for k in range(self.n)]
+        active = [s for s in shards if s]
+        total = sum(len(s) - 1 for s in batch)
+        replies = self._call([("grad", s, sum(len(w) - 1 for w in s) / total, train_base) if s else None
+                              for s in shards])
+        self._call([("apply", len(active), lr, train_base)] * self.n)
+        loss = sum(r[0] * r[1] for r in replies if r) / total
+        return loss, total
+
+    def ask(self, kind, *args):
+        """A question every replica answers alike (add_delta) or one answers (score, to_bytes)."""
+        if self.n == 0:
+            return getattr(self.local, kind)(*args)
+        if kind == "score":                            # split the windows: scoring is slow too
+            windows = args[0]
+            parts = self._call([("score", windows[k::self.n]) if windows[k::self.n] else None
+                                for k in range(self.n)])
+            per_window = [None] * len(windows)
+            for k, part in enumerate(parts):
+                for j, probs in enumerate(part or []):
+                    per_window[k + j * self.n] = probs
+            return per_window
+        if kind == "to_bytes":
+            return self._call([("to_bytes",)] + [None] * (self.n - 1))[0]
+        return self._call([(kind,) + args] * self.n)[0]
+
+    def recover(self, fallback, reason):
+        """After WorkerLost: reload every worker from a survivor's weights, else from `fallback`
+        (checkpoint bytes) -> the step of the state reloaded."""
+        self.restarts += 1
+        self.last_failure = reason
+        raw = None
+        for i, p in enumerate(self.procs):
+            if p.is_alive():
+                try:
+                    raw = self._call([("to_bytes",) if k == i else None for k in range(self.n)])[i]
+                    break
+                except WorkerLost:
+                    continue
+        raw = raw or fallback
+        self._stop()
+        brain = Brain.from_bytes(raw)
+        self.load(raw, brain.model.num_params())
+        return brain.step
+
+
+# ======================================================================================
+# Learner: training jobs on the workers, run in a thread beside the event loop.
+# ======================================================================================
+# A job (a few seconds to a minute of steps) runs in a thread that talks to the workers,
+# so the event loop, and the prompt, never wait for it. The learner holds the accepted
+# brain, the one the voice uses and the checkpoint stores, and keeps the workers in step
+# with it: they are loaded again only after it changed here (BPE growth, a new delta, a
+# rollback), and during warmup they run ahead of it until the next adopt.
+
+@dataclass
+class JobResult:
+    losses: list                          # training loss of each step (nats)
+    tokens: int
+    seconds: float
+
+
+class Learner:
+    def __init__(self, cfg, brain, workers, seed=0):
+        self.cfg, self.brain, self.workers, self.seed = cfg, brain, workers, seed
+        self.rng = random.Random(seed + brain.step)     # windows and delta growth
+        self.live_step = brain.step           # the workers' step
+        self.synced = False                   # whether the workers hold brain (plus live steps)
+        self.failures = []                    # worker failures in the last job, for the event log
+        self.stopping = threading.Event()
+        self._thread = None
+
+    def changed(self):
+        """The brain changed here (or a job was rolled back): the workers load it before the next job."""
+        self.synced = False
+        self.live_step = self.brain.step
+
+    async def _beside(self, fn, *args):
+        """fn(*args) in a thread (inline when the workers are this process) -> its result."""
+        if self.workers.n == 0:
+            return fn(*args)
         loop = asyncio.get_event_loop()
         fut = loop.create_future()
 
-        def done(value, fail=False):
+        def settle(ok, value):
             if not fut.done():
-                (fut.set_exception if fail else fut.set_result)(value)
-        self.pool.apply_async(run_job, (job,),
-                              callback=lambda r: loop.call_soon_threadsafe(done, r),
-                              error_callback=lambda e: loop.call_soon_threadsafe(done, e, True))
-        return fut
+                (fut.set_result if ok else fut.set_exception)(value)
 
-    def close(self):
-        self.pool.terminate()
-        self.pool.join()
+        def work():
+            try:
+                result = fn(*args)
+            except BaseException as e:             # handed to the awaiting task, which logs it
+                loop.call_soon_threadsafe(settle, False, e)
+            else:
+                loop.call_soon_threadsafe(settle, True, result)
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+        return await fut
 
+    # -- in the job thread ---------------------------------------------------------------------
+    def _load(self):
+        if not self.synced:
+            self.workers.load(self.brain.to_bytes(), self.brain.model.num_params())
+            self.live_step, self.synced = self.brain.step, True
 
-class InlinePool:
-    """Runs jobs in this process (tests, --eval): same interface, no parallelism."""
+    def _recover(self, error):
+        """A worker was lost: go on from a survivor's weights; a third loss in a job gives up."""
+        self.failures.append(str(error))
+        if len(self.failures) > 2:
+            raise error
+        self.live_step = self.workers.recover(self.brain.to_bytes(), str(error))
 
-    def submit(self, job):
-        fut = asyncio.get_event_loop().create_future()
-        fut.set_result(run_job(job))
-        return fut
+    def _ask(self, kind, *args):
+        self._load()
+        try:
+            return self.workers.ask(kind, *args)
+        except WorkerLost as e:
+            self._recover(e)
+            return self.workers.ask(kind, *args)
 
-    def close(self):
-        pass
+    def _train(self, stream, steps, train_base, recent_from, seconds):
+        cfg, t0, losses, tokens = self.cfg, time.perf_counter(), [], 0
+        self._load()
+        while len(losses) < steps and not self.stopping.is_set():
+            batch = sample_windows(stream, cfg.batch_size, cfg.seq_len, self.rng, recent_from)
+            n = min(len(s) for s in batch)
+            try:
+                loss, k = self.workers.step([s[:n] for s in batch], lr_at(self.live_step, cfg), train_base)
+            except WorkerLost as e:
+                self._recover(e)
+                continue
+            self.live_step += 1
+            losses.append(loss)
+            tokens += k
+            if seconds is not None and time.perf_counter() - t0 >= seconds:
+                break
+        return JobResult(losses, tokens, time.perf_counter() - t0)
+
+    def _pull(self):
+        pulled = Brain.from_bytes(self._ask("to_bytes"), self.cfg, self.seed)    # about 0.1 s
+        pulled.progress, pulled.tok = self.brain.progress, self.brain.tok     # ours, not the copy's
+        return pulled
+
+    # -- what the trainer awaits ---------------------------------------------------------------
+    async def train(self, stream, steps, train_base, recent_from=None, seconds=None):
+        """Up to `steps` steps (or `seconds`) on windows of the stream -> JobResult."""
+        return await self._beside(self._train, stream, steps, train_base, recent_from, seconds)
+
+    async def score(self, windows):
+        """The workers' probability of every true next token of the windows, in order."""
+        per_window = await self._beside(self._ask, "score", windows)
+        return [p for w in per_window for p in w]
+
+    async def add_delta(self):
+        await self._beside(self._ask, "add_delta")
+
+    async def adopt(self):
+        """The workers' state becomes the accepted brain."""
+        self.brain = await self._beside(self._pull)
+        self.live_step = self.brain.step
+
+    def shutdown(self, wait=3.0):
+        """Stop after the step in flight; keep warmup steps taken since the last adopt if possible."""
+        self.stopping.set()
+        if self._thread is not None:
+            self._thread.join(wait)
+            if self._thread.is_alive():
+                return
+        if self.synced and self.live_step > self.brain.step:
+            try:
+                self.brain = self._pull()
+            except WorkerLost:
+                pass
 
 
 # ======================================================================================
-# Trainer: warmup, then bursts on new material, with the held-out slice guarding memory.
+# Trainer: warmup, then bursts on new material and idle learning, judged on held-out text.
 # ======================================================================================
-# The trainer owns when to learn; the worker owns how. Between jobs it re-trains BPE when
-# the corpus has grown, grows the vocabulary, keeps the field current, and measures the
-# held-out slice to set the model/field mixing weight lambda.
+# Warmup trains the whole network on the corpus. After it, a burst trains only the delta
+# adapters on new conversation (half its windows start in the newest lines), and whenever
+# no burst is due an idle phase trains the whole network on the whole living corpus: seed
+# and every conversation kept, so what bursts learned is rehearsed rather than overwritten.
+# Each burst and idle phase is judged on the held-out slice against the best state ever
+# accepted; one that is worse by more than forget_tolerance is rolled back, so neither one
+# bad burst nor a slow drift wears away what was learned.
 
-HELDOUT_MAX_TOKENS = 1024                 # cap on the held-out slice scored per evaluation
-WARMUP_CHUNK_STEPS = 8                    # steps per warmup job (a few seconds of work)
+WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before the trainer looks up
+IDLE_BACKOFF_MAX = 3600.0                 # longest pause between idle phases after rollbacks
 
 
 class Trainer:
-    def __init__(self, cfg, brain, memory, field, heldout_lines, pool, seed=0, ckpt_path=None, now=time.time):
-        self.cfg = cfg
-        self.brain = brain
-        self.memory = memory
-        self.field = field
-        self.heldout_lines = heldout_lines
-        self.pool = pool
-        self.seed = seed
-        self.ckpt_path = ckpt_path
-        self.now = now
-        self.rng = random.Random(seed)
+    def __init__(self, cfg, corpus, memory, learner, ckpt_path=None, now=time.time):
+        self.cfg, self.corpus, self.memory, self.learner = cfg, corpus, memory, learner
+        self.ckpt_path, self.now = ckpt_path, now
         self.status = "idle"
-        self.last_burst = now()
-        self.last_save = now()
-        # new chat bytes since the last burst: counted from the database, so material that was
-        # waiting (or in a burst cut short by quitting) still triggers a burst after a restart
-        self.pending_bytes = memory.chat_bytes_after(memory.get_state("burst_mark", 0))
-        self.pending_grams = 0                # their n-grams ...
-        self.pending_novel = 0                # ... and how many the field had not seen
-        self._stream = None
-        self._recall = None
-        self._job_bytes = None                # (model, version, checkpoint bytes) for the next job
-        self.refresh()
-        self.lexicon = Lexicon(self.memory.corpus_lines())
+        self.last_burst = self.last_save = self.idle_after = now()
+        self.idle_rejects = 0
 
-    # -- corpus, tokenizer and field -------------------------------------------------------
-    def refresh(self):
-        """Re-encode the corpus and held-out slice and rebuild the field (after BPE changes)."""
-        tok = self.brain.tok
-        self.lines_ids = [tok.encode(line) for line in self.memory.corpus_lines()]
-        self.field.grow_vocab(tok.vocab_size)
-        self.field.rebuild(self.lines_ids)
-        held = []
-        for line in self.heldout_lines:
-            held.extend(tok.encode(line) + [EOS])
-            if len(held) >= HELDOUT_MAX_TOKENS:
-                break
-        self.heldout_stream = [EOS] + held[:HELDOUT_MAX_TOKENS]
-        # bytes of UTF-8 text scored; each line end (EOS) counts as one byte, like a newline
-        self.heldout_bytes = sum(len(tok.token_bytes(t)) or 1 for t in self.heldout_stream[1:])
-        self._stream = None
+    @property
+    def brain(self):
+        return self.learner.brain
 
-    def recall(self):
-        """The Recall index over the current corpus, rebuilt only when the corpus changed."""
-        key = len(self.lines_ids)
-        if self._recall is None or self._recall[0] != key:
-            self._recall = (key, Recall(self.memory.corpus_lines()))
-        return self._recall[1]
+    @property
+    def step(self):
+        return self.learner.live_step
 
-    def stream(self):
-        """The training corpus as one token stream, EOS after every line."""
-        if self._stream is None:
-            out = [EOS]
-            for ids in self.lines_ids:
-                out.extend(ids)
-                out.append(EOS)
-            self._stream = out
-        return self._stream
+    def workers_note(self):
+        """A line for /status when workers were lost and replaced, else ''."""
+        w = self.learner.workers
+        if not w.restarts:
+            return ""
+        return "workers: %d, restarted %d times (last: %s)" % (w.n, w.restarts, w.last_failure)
 
-    def bpe_due(self):
-        chars = self.memory.corpus_stats()["bytes"]
-        done = self.brain.progress["bpe_chars"]
-        if done == 0:
-            return chars >= self.cfg.enable_bpe_after_chars
-        return chars - done >= self.cfg.bpe_retrain_every_chars
+    def shutdown(self):
+        self.learner.shutdown()
 
-    def maybe_retrain_bpe(self):
-        """Append merges learned from the corpus, grow the model's rows, rebuild the field."""
-        if not self.bpe_due() or self.cfg.bpe_num_merges == 0:
-            return []
-        brain = self.brain
-        added = brain.tok.train(self.memory.corpus_lines(), self.cfg.bpe_num_merges)
-        brain.progress["bpe_chars"] = self.memory.corpus_stats()["bytes"]
-        if added:
-            brain.model.grow_vocab(brain.tok.vocab_size)
-            self.refresh()
-            self.memory.log_event("bpe", "added %d merges; vocab %d" % (len(added), brain.tok.vocab_size))
-        return added
+    async def job(self, steps, train_base, recent_from=None, seconds=None):
+        result = await self.learner.train(self.corpus.stream(), steps, train_base, recent_from, seconds)
+        for failure in self.learner.failures:
+            self.memory.log_event("worker", "%s; workers restarted, training goes on" % failure)
+        self.learner.failures = []
+        p = self.brain.progress
+        p.loss = sum(result.losses) / max(1, len(result.losses))
+        p.tokens_per_s = result.tokens / max(1e-9, result.seconds)
 
-    def add_lines(self, lines):
-        """New conversation lines: stored, counted toward the next burst, taught to the field."""
-        new = [l for l in lines if l]
-        added = self.memory.add_corpus_lines(new, "chat")
-        if not added:
-            return 0
-        for line in new[-added:]:
-            ids = self.brain.tok.encode(line)
-            n_grams = len(ids) + 1
-            self.pending_novel += self.field.novelty(ids) * n_grams
-            self.pending_grams += n_grams
-            self.pending_bytes += len(text_to_bytes(line))
-            self.field.add(ids)
-            self.lines_ids.append(ids)
-            self.lexicon.add(line)
-        self._stream = None
-        if self.memory.prune_corpus(self.cfg.max_corpus_lines, self.rng):
-            self.refresh()
-        return added
+    async def measure(self, note):
+        """The workers' state becomes the reference of the voice (lambda) and of the forget guard."""
+        windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
+        h = self.corpus.evidence(await self.learner.score(windows))
+        p = self.brain.progress
+        p.heldout, p.lam, p.best_nll = h, h.lam, h.nll
+        self.log_growth(note)
 
-    # -- held-out evidence -------------------------------------------------------------------
-    def field_probs(self):
-        """Field probability of every held-out token, context = the tokens earlier in its line."""
-        out, line = [], []
-        for cur, nxt in zip(self.heldout_stream, self.heldout_stream[1:]):
-            line = [] if cur == EOS else line + [cur]
-            out.append(self.field.prob(line, nxt))
-        return out
-
-    def record_heldout(self, model_probs):
-        """Bits per byte of network, field and mix; lambda from the evidence."""
-        pf = self.field_probs()
-        pairs = list(zip(model_probs, pf))
-        lam = best_lambda(pairs)
-        n = self.heldout_bytes
-
-        def bpb(ps):
-            return bits_per_byte(nll_of(ps), n)
-        figures = {"model_bpb": bpb(model_probs), "field_bpb": bpb(pf),
-                   "mix_bpb": bpb([lam * a + (1 - lam) * b for a, b in pairs]), "lambda": lam, "bytes": n}
-        self.brain.progress["heldout"] = figures
-        self.brain.progress["lambda"] = lam
-        return figures
-
-    # -- jobs --------------------------------------------------------------------------------
-    def brain_bytes(self):
-        """The brain as checkpoint bytes for a job: the worker's own bytes while nothing changed here.
-
-        The progress inside them may be stale; the worker only carries it, and adopt keeps ours.
-        """
-        model = self.brain.model
-        cached = self._job_bytes
-        if cached is None or cached[0] is not model or cached[1] != model.version:
-            self._job_bytes = (model, model.version, self.brain.to_bytes())
-        return self._job_bytes[2]
-
-    def make_job(self, steps, **kw):
-        job = {"ckpt": self.brain_bytes(), "stream": self.stream(), "steps": steps,
-               "heldout": heldout_windows(self.heldout_stream, self.cfg.block_size), "seed": self.seed}
-        job.update(kw)
-        return job
-
-    def adopt(self, result):
-        """Take the worker's weights; progress stays the trainer's own (it may have moved meanwhile)."""
-        progress = self.brain.progress
-        self.brain = Brain.from_body(parse_checkpoint(result["ckpt"]), self.cfg, self.seed)
-        self.brain.progress = progress
-        self._job_bytes = (self.brain.model, self.brain.model.version, result["ckpt"])
-        progress["loss"] = sum(result["losses"]) / max(1, len(result["losses"]))
-        progress["tokens_per_s"] = result.get("tokens", 0) / max(1e-9, result["seconds"])
-        return self.brain
-
-    async def warmup_chunk(self):
-        cfg, brain = self.cfg, self.brain
-        steps = min(WARMUP_CHUNK_STEPS, cfg.warmup_steps - brain.step)
-        last = brain.step + steps >= cfg.warmup_steps
-        self.status = "warmup"
-        result = await self.pool.submit(self.make_job(steps, score_after=last))
-        brain = self.adopt(result)
-        if last:
-            self.record_heldout(result["after"])
-            brain.progress["warmup_done"] = True
-            if cfg.freeze_base_after_warmup:
-                brain.model.freeze_base()
-                brain.model.add_delta()                  # bursts need something to train
-            self.log_growth("warmup done")
-            self.save()
-        elif self.now() - self.last_save >= cfg.checkpoint_every_seconds:
-            self.log_growth("warmup")
-            self.save()
-
-    def burst_due(self):
-        cfg = self.cfg
-        if not self.brain.progress["warmup_done"] or self.pending_bytes == 0:
-            return False
-        if self.now() - self.last_burst < cfg.qb_cooldown_seconds:
-            return False
-        novelty = self.pending_novel / max(1, self.pending_grams)
-        return self.pending_bytes >= cfg.qb_min_bytes or novelty >= cfg.qb_min_novelty
-
-    async def burst(self):
-        """Train a burst on the new material; keep it only if the held-out loss allows."""
-        cfg = self.cfg
-        self.status = "burst"
-        grow = self.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
-        stream = self.stream()
-        recent = max(0, len(stream) - max(cfg.seq_len * 2, self.pending_bytes))
-        mark = self.memory.corpus_mark()
-        self.pending_bytes = self.pending_grams = self.pending_novel = 0
-        self.last_burst = self.now()
-        job = self.make_job(cfg.micro_steps, score_before=True, score_after=True,
-                            add_delta=grow, recent_from=recent)
-        result = await self.pool.submit(job)
-        kept = self.judge_burst(result, grow)
-        self.memory.set_state("burst_mark", mark)     # kept or rolled back, this material is done
-        return kept
-
-    def judge_burst(self, result, grew):
-        before, after = nll_of(result["before"]), nll_of(result["after"])
-        change = (after - before) / max(before, 1e-12)
-        progress = self.brain.progress
-        progress["bursts"] = progress.get("bursts", 0) + 1
+    async def judge(self, label):
+        """Keep the workers' new state if held-out loss stays near the best accepted -> kept."""
+        windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
+        h, best = self.corpus.evidence(await self.learner.score(windows)), self.brain.progress.best_nll
+        change = (h.nll - best) / max(best, 1e-12) if best else 0.0
+        note = "%s: held-out loss %+.1f%% vs the best" % (label, 100 * change)
         if change > self.cfg.forget_tolerance:
-            self.memory.log_growth(step=self.brain.step, vocab=self.brain.model.vocab_size,
-                                   params=self.brain.model.num_params(), deltas=self.brain.model.n_deltas,
-                                   loss=None, heldout_bpb=None, tokens_per_s=None,
-                                   note="rejected burst: held-out loss %+.1f%%" % (100 * change))
-            self.save()                                 # the weights are as they were; the count is new
+            self.learner.changed()                     # the workers go back to the accepted brain
+            self.log_growth("rejected " + note)
+            self.save()
             return False
-        brain = self.adopt(result)
-        self.record_heldout(result["after"])
-        self.log_growth("burst%s: held-out loss %+.1f%%" % (" +delta" if grew else "", 100 * change))
+        await self.learner.adopt()
+        p = self.brain.progress
+        p.heldout, p.lam, p.best_nll = h, h.lam, min(best or h.nll, h.nll)
+        self.log_growth(note)
         self.save()
         return True
 
-    def log_growth(self, note):
-        b, h = self.brain, self.brain.progress.get("heldout") or {}
-        self.memory.log_growth(step=b.step, vocab=b.model.vocab_size, params=b.model.num_params(),
-                               deltas=b.model.n_deltas, loss=b.progress.get("loss"),
-                               heldout_bpb=h.get("mix_bpb"), tokens_per_s=b.progress.get("tokens_per_s"),
-                               note=note)
+    def update_tokenizer(self):
+        """Retrain BPE if the corpus grew enough and grow the model's rows -> whether ids were added."""
+        p = self.brain.progress
+        if not self.corpus.bpe_due(p.bpe_chars):
+            return False
+        added = self.corpus.retrain_bpe()
+        p.bpe_chars = self.corpus.n_bytes
+        if added:
+            self.brain.model.grow_vocab(self.brain.tok.vocab_size)
+            self.learner.changed()
+        return bool(added)
 
-    def save(self):
-        if self.ckpt_path:
-            self.brain.save(self.ckpt_path)
-        self.last_save = self.now()
+    async def grow_tokenizer(self):
+        if not self.corpus.bpe_due(self.brain.progress.bpe_chars):
+            return False
+        if self.learner.live_step != self.brain.step:
+            await self.learner.adopt()                 # keep the steps the workers took
+        grew = self.update_tokenizer()
+        if grew and self.brain.progress.warmup_done:
+            await self.measure("vocabulary grew to %d" % self.brain.tok.vocab_size)
+        return grew
+
+    async def warmup(self):
+        cfg = self.cfg
+        self.status = "warmup"
+        seconds = min(WARMUP_JOB_SECONDS, cfg.checkpoint_every_seconds)
+        await self.job(cfg.warmup_steps - self.learner.live_step, True, seconds=seconds)
+        done = self.learner.live_step >= cfg.warmup_steps
+        if not done and self.now() - self.last_save < cfg.checkpoint_every_seconds:
+            return
+        await self.learner.adopt()
+        if done:
+            await self.measure("warmup done")
+            self.brain.progress.warmup_done = True
+            if cfg.freeze_base_after_warmup:
+                self.brain.model.add_delta()           # bursts need something to train
+                self.learner.changed()
+        else:
+            self.log_growth("warmup")
+        self.save()
+
+    def burst_due(self):
+        cfg, pending = self.cfg, self.corpus.pending
+        if not self.brain.progress.warmup_done or pending.bytes == 0:
+            return False
+        if self.now() - self.last_burst < cfg.qb_cooldown_seconds:
+            return False
+        return pending.bytes >= cfg.qb_min_bytes or pending.novelty >= cfg.qb_min_novelty
+
+    async def burst(self):
+        """Train the deltas on the new material; keep it only if the held-out slice allows."""
+        cfg = self.cfg
+        self.status = "burst"
+        mark = self.memory.corpus_mark()
+        recent = self.corpus.stream_offset(self.memory.get_state("burst_mark", 0))
+        self.corpus.take_pending()
+        self.last_burst = self.now()
+        grow = self.learner.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
+        if grow:
+            await self.learner.add_delta()
+        await self.job(cfg.micro_steps, not cfg.freeze_base_after_warmup, recent_from=recent)
+        self.brain.progress.bursts += 1
+        kept = await self.judge("burst +delta" if grow else "burst")
+        self.memory.set_state("burst_mark", mark)     # kept or rolled back, this material is done
+        return kept
+
+    async def idle(self):
+        """Train the whole network on the whole living corpus; wait longer after each rollback."""
+        self.status = "idle learning"
+        await self.job(self.cfg.idle_steps, True)
+        self.brain.progress.idle_phases += 1
+        kept = await self.judge("idle")
+        self.idle_rejects = 0 if kept else self.idle_rejects + 1
+        self.idle_after = self.now() + (0.0 if kept else min(IDLE_BACKOFF_MAX, 60.0 * 2 ** self.idle_rejects))
+        return kept
 
     async def tick(self):
         """One unit of work -> True if something was done."""
-        if self.maybe_retrain_bpe():
+        if await self.grow_tokenizer():
             return True
-        if not self.brain.progress["warmup_done"]:
-            await self.warmup_chunk()
-            return True
-        if self.burst_due():
+        if not self.brain.progress.warmup_done:
+            await self.warmup()
+        elif self.burst_due():
             await self.burst()
-            return True
-        self.status = "waiting for new material"
-        return False
+        elif self.cfg.idle_training and self.now() >= self.idle_after:
+            await self.idle()
+        else:
+            self.status = "waiting for new material"
+            return False
+        return True
 
     async def run(self, log):
         """The background task: never raises except cancellation; errors are logged and stop training."""
@@ -2577,6 +3122,18 @@ class Trainer:
             self.memory.log_event("error", "trainer: %s: %s" % (type(e).__name__, e))
             log("trainer stopped: %s (chat continues; see /status)" % e)
 
+    def log_growth(self, note):
+        b, h = self.brain, self.brain.progress.heldout
+        self.memory.log_growth(step=self.learner.live_step, vocab=b.model.vocab_size, params=b.model.num_params(),
+                               deltas=b.model.n_deltas, loss=b.progress.loss,
+                               heldout_bpb=h.mix_bpb if h else None, tokens_per_s=b.progress.tokens_per_s,
+                               note=note)
+
+    def save(self):
+        if self.ckpt_path:
+            self.brain.save(self.ckpt_path)
+        self.last_save = self.now()
+
 
 # ======================================================================================
 # Voice: the reply, sampled from the mix lambda * network + (1 - lambda) * field.
@@ -2586,10 +3143,6 @@ FALLBACK_REPLY = "I have no words for that yet."
 SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
 HISTORY_MESSAGES = 6                       # earlier messages that go into the prompt
 LOCAL_FIELD_WEIGHT = 0.5                   # share of the recalled answers in the field's voice
-
-
-def format_turn(role, text):
-    return ("H: " if role == "user" else "A: ") + " ".join(text.split())
 
 
 def clean_reply(text, finished):
@@ -2628,9 +3181,14 @@ class Voice:
         keep = self.cfg.block_size - self.cfg.max_gen_tokens // 2
         return ids[-max(8, keep):]
 
-    def reply(self, brain, field, lam, history, user_text, recalled=(), lexicon=None, attempts=4):
-        """A non-empty reply that does not repeat one of the recent ones (when avoidable)."""
-        local = None
+    def reply(self, brain, corpus, history, user_text, attempts=4):
+        """A non-empty reply that does not repeat one of the recent ones (when avoidable).
+
+        The corpus gives the field, the answers Recall finds for the message (a small local
+        field), and the Lexicon; the brain gives the network and lambda.
+        """
+        field, local = corpus.field, None
+        recalled = corpus.recall.answers_for(user_text)
         if recalled:
             local = NGramField(field.order, field.vocab_size, field.discount)
             for line in recalled:
@@ -2638,7 +3196,7 @@ class Voice:
         said = {text for role, text in history if role == "assistant"}
         text = ""
         for _ in range(attempts):
-            text = self.generate(brain, field, lam, history, user_text, local, lexicon) or text
+            text = self.generate(brain, field, brain.progress.lam, history, user_text, local, corpus.lexicon) or text
             if text and text not in said:
                 return text
         return text or FALLBACK_REPLY
@@ -2684,7 +3242,7 @@ class Voice:
 
 
 # ======================================================================================
-# Session: the thin coordinator that wires memory, brain, field, trainer and voice together.
+# Session: the thin coordinator that wires memory, corpus, trainer and voice together.
 # ======================================================================================
 
 HELP = """commands:
@@ -2700,25 +3258,23 @@ def file_digest(lines):
 
 
 class Session:
-    def __init__(self, cfg, corpus_path, db_path, ckpt_path, seed=0, pool=None):
+    def __init__(self, cfg, corpus_path, db_path, ckpt_path, seed=0, workers=None):
         seed_lines = read_corpus_file(corpus_path)             # errors before anything is written
         train_lines, heldout = split_heldout(seed_lines, cfg.heldout_every)
         if not train_lines:
             raise MacroError("corpus %s has no usable lines" % corpus_path)
-        if os.path.exists(ckpt_path):
-            brain = Brain.load(ckpt_path, cfg, seed)
-        else:
-            brain = Brain.fresh(cfg, seed)
+        brain = Brain.load_or_fresh(ckpt_path, cfg, seed)
         self.memory = Memory(db_path)
         try:
-            if self.memory.get_state("seed_digest") != file_digest(seed_lines):
+            seed_key = "%s every %d" % (file_digest(seed_lines), cfg.heldout_every)
+            if self.memory.get_state("seed_digest") != seed_key:
                 self.memory.add_corpus_lines(train_lines, "seed")
-                self.memory.set_state("seed_digest", file_digest(seed_lines))
-            cfg = self.apply_saved_settings(cfg)
-            self.cfg = cfg
-            field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
-            self.trainer = Trainer(cfg, brain, self.memory, field, heldout, pool or InlinePool(), seed, ckpt_path)
-            self.trainer.maybe_retrain_bpe()                  # the tokenizer is ready from the first reply
+                self.memory.set_state("seed_digest", seed_key)
+            self.cfg = cfg = self.apply_saved_settings(cfg)
+            self.corpus = Corpus(cfg, self.memory, brain.tok, heldout, seed)
+            learner = Learner(cfg, brain, workers or Workers(0, seed), seed)
+            self.trainer = Trainer(cfg, self.corpus, self.memory, learner, ckpt_path)
+            self.trainer.update_tokenizer()                   # the tokenizer is ready from the first reply
             self.voice = Voice(cfg, seed + self.memory.message_count())   # restarts do not replay replies
         except BaseException:
             self.memory.close()
@@ -2741,12 +3297,10 @@ class Session:
         """Store the message, generate, store the reply, then learn from the turn -> reply."""
         self.memory.add_message("user", text)
         history = self.memory.recent_messages(HISTORY_MESSAGES + 1)[:-1]
-        recalled = self.trainer.recall().answers_for(text)
-        self.trainer.lexicon.add(text)                         # words you use are words it may use
-        reply = self.voice.reply(self.brain, self.trainer.field, self.brain.progress["lambda"], history, text,
-                                 recalled, self.trainer.lexicon)
+        self.corpus.lexicon.add(text)                          # words you use are words it may use
+        reply = self.voice.reply(self.brain, self.corpus, history, text)
         self.memory.add_message("assistant", reply)
-        self.trainer.add_lines(turn_to_corpus_lines(text, reply))
+        self.corpus.add([format_turn("user", text), format_turn("assistant", reply)], "chat")
         return reply
 
     def command(self, line):
@@ -2781,21 +3335,23 @@ class Session:
 
     def status(self):
         b, cfg, p = self.brain, self.cfg, self.brain.progress
-        tps = p.get("tokens_per_s")
-        if not p["warmup_done"]:
-            left = max(0, cfg.warmup_steps - b.step)
+        tps, step = p.tokens_per_s, self.trainer.step
+        if not p.warmup_done:
+            left = max(0, cfg.warmup_steps - step)
             eta = left * cfg.batch_size * cfg.seq_len / tps if tps else None
-            phase = "warmup step %d/%d | eta %s" % (b.step, cfg.warmup_steps, format_duration(eta))
+            phase = "warmup step %d/%d | eta %s" % (step, cfg.warmup_steps, format_duration(eta))
         else:
-            phase = "warmup done | step %d | bursts %d (%d rejected)" % (
-                b.step, p.get("bursts", 0), self.memory.rejected_bursts())
-        loss = "%.3f" % p["loss"] if p.get("loss") is not None else "-"
+            phase = "warmup done | step %d | bursts %d | idle phases %d | %d rolled back" % (
+                step, p.bursts, p.idle_phases, self.memory.rejected_bursts())
+        loss = "%.3f" % p.loss if p.loss is not None else "-"
         lines = ["%s | loss %s | %s tok/s | trainer: %s"
                  % (phase, loss, "%.0f" % tps if tps else "-", self.trainer.status)]
-        h = p.get("heldout")
+        if self.trainer.workers_note():
+            lines.append(self.trainer.workers_note())
+        h = p.heldout
         if h:
             lines.append("held-out bits/byte: network %.3f | field %.3f | mix %.3f | lambda %.2f (%d bytes)"
-                         % (h["model_bpb"], h["field_bpb"], h["mix_bpb"], h["lambda"], h["bytes"]))
+                         % (h.model_bpb, h.field_bpb, h.mix_bpb, h.lam, h.bytes))
         else:
             lines.append("held-out bits/byte: not measured yet (after warmup); replies come from the field")
         st = self.memory.corpus_stats()
@@ -2876,7 +3432,7 @@ class LineReader:
             self._put(line)
 
 
-async def chat(session, interactive, train, pool):
+async def chat(session, interactive, train):
     loop = asyncio.get_event_loop()
     queue = asyncio.Queue()
     notes = []
@@ -2932,6 +3488,7 @@ async def chat(session, interactive, train, pool):
                 await task
             except asyncio.CancelledError:
                 pass
+            session.trainer.shutdown()                 # keeps the workers' latest warmup steps
         session.save()
         if interactive:
             say("saved. goodbye.")
@@ -2950,26 +3507,24 @@ def train_first_tokenizer(tok, cfg, train_lines):
 
 def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print):
     lines = read_corpus_file(path)
-    brain = Brain.load(ckpt_path, cfg, seed) if os.path.exists(ckpt_path) else Brain.fresh(cfg, seed)
+    brain = Brain.load_or_fresh(ckpt_path, cfg, seed)
     train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
     if brain.tok.vocab_size == N_BASE_VOCAB:
         train_first_tokenizer(brain.tok, cfg, train)           # what a first run would do
         brain.model.grow_vocab(brain.tok.vocab_size)
     field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
-    field.rebuild([brain.tok.encode(l) for l in train])
-    nll = {"network": 0.0, "field": 0.0, "mix": 0.0}
-    lam, n_bytes = brain.progress.get("lambda", 0.0), 0
+    for line in train:
+        field.add(brain.tok.encode(line))
+    pairs, n_bytes = [], 0
     for text in lines:
         ids = brain.tok.encode(text) + [EOS]
-        stream = [EOS] + ids
-        pm = target_probs(brain.model, heldout_windows(stream, cfg.block_size))
+        pm = target_probs(brain.model, heldout_windows([EOS] + ids, cfg.block_size))
         pf = [field.prob(ids[:i], t) for i, t in enumerate(ids)]
-        for a, b in zip(pm, pf):
-            nll["network"] -= math.log(max(a, 1e-300))
-            nll["field"] -= math.log(max(b, 1e-300))
-            nll["mix"] -= math.log(max(lam * a + (1 - lam) * b, 1e-300))
+        pairs.extend(zip(pm, pf))
         n_bytes += len(text_to_bytes(text)) + 1                # + 1 for the line end
-    result = {k: round(bits_per_byte(v, n_bytes), 4) for k, v in nll.items()}
+    lam = brain.progress.lam
+    result = {name: round(bits_per_byte(mix_nll(pairs, weight), n_bytes), 4)
+              for name, weight in (("network", 1.0), ("field", 0.0), ("mix", lam))}
     result.update({"bytes": n_bytes, "lines": len(lines), "lambda": lam, "step": brain.step,
                    "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None})
     out("%s: %d bytes in %d lines | bits/byte: network %.3f | field %.3f | mix %.3f (lambda %.2f, step %d)"
@@ -3153,16 +3708,16 @@ def run(args):
         except ImportError:
             pass
     train = not args.no_train
-    pool = WorkerPool() if train else None
+    workers = Workers(worker_count(cfg), args.seed) if train else None
     try:
-        session = Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)
+        session = Session(cfg, corpus, args.db, args.ckpt, args.seed, workers)
         try:
-            asyncio.run(chat(session, interactive, train, pool))
+            asyncio.run(chat(session, interactive, train))
         finally:
             session.close()
     finally:
-        if pool is not None:
-            pool.close()
+        if workers is not None:
+            workers.close()
     return 0
 
 

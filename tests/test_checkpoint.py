@@ -68,7 +68,7 @@ class CheckpointTest(unittest.TestCase):
     def test_future_version_is_refused(self):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
-            data = f.read().replace(b"macrogpt-checkpoint 1 ", b"macrogpt-checkpoint 9 ", 1)
+            data = f.read().replace(b"macrogpt-checkpoint %d " % M.CKPT_VERSION, b"macrogpt-checkpoint 9 ", 1)
         with open(self.path, "wb") as f:
             f.write(data)
         with self.assertRaisesRegex(M.CheckpointError, "newer macrogpt"):

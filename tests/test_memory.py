@@ -47,13 +47,15 @@ class MemoryTest(unittest.TestCase):
 
     def test_corpus_dedup_stats_and_prune(self):
         mem = self.open()
-        self.assertEqual(mem.add_corpus_lines(["a", "b", "a"], "seed"), 2)
-        self.assertEqual(mem.add_corpus_lines(["b", "c"], "chat"), 1)
+        self.assertEqual(mem.add_corpus_lines(["a", "b", "a"], "seed"), [(1, "a"), (2, "b")])
+        self.assertEqual(mem.add_corpus_lines(["b", "c"], "chat"), [(3, "c")])
         self.assertEqual(mem.corpus_lines(), ["a", "b", "c"])
         self.assertEqual(mem.corpus_stats(), {"lines": 3, "bytes": 3, "chat_lines": 1})
         mem.add_corpus_lines(["line %d" % i for i in range(100)], "chat")
         removed = mem.prune_corpus(40, random.Random(0))
-        self.assertEqual(removed, 63)
+        self.assertEqual(len(removed), 63)
+        self.assertEqual(mem.remove_corpus_lines(["line 99", "never stored"]), [(103, "line 99")])
+        mem.add_corpus_lines(["line 99"], "chat")
         kept = mem.corpus_lines()
         self.assertEqual(len(kept), 40)
         self.assertEqual(kept[-20:], ["line %d" % i for i in range(80, 100)])   # newest half kept
@@ -107,11 +109,17 @@ class MemoryTest(unittest.TestCase):
 
 
 class HelperTest(unittest.TestCase):
-    def test_split_heldout_and_turns(self):
-        train, held = M.split_heldout(list("abcdefghij"), 5)
-        self.assertEqual(held, ["e", "j"])
-        self.assertEqual(len(train), 8)
-        self.assertEqual(M.turn_to_corpus_lines("hi  there\n", "hello!"), ["H: hi there", "A: hello!"])
+    def test_heldout_by_content_and_turns(self):
+        lines = ["line %d" % i for i in range(1000)]
+        train, held = M.split_heldout(lines, 10)
+        self.assertEqual(sorted(train + held), sorted(lines))
+        self.assertTrue(70 < len(held) < 130, len(held))             # about one in ten
+        moved, held_moved = M.split_heldout(["a new first line"] + lines[::-1], 10)
+        self.assertEqual(set(held_moved) - {"a new first line"}, set(held))   # order does not matter
+        _, held5 = M.split_heldout(lines, 5)
+        self.assertTrue(set(held) <= set(held5))                     # 10 -> 5 only adds held-out lines
+        self.assertEqual(M.format_turn("user", "hi  there\n"), "H: hi there")
+        self.assertEqual(M.format_turn("assistant", "hello!"), "A: hello!")
 
     def test_read_corpus_file_keeps_stray_bytes(self):
         d = tempfile.mkdtemp()

@@ -192,7 +192,7 @@ class DeltaAndFreezeTest(unittest.TestCase):
         loss.backward()
         opt.step(model.named_params(), 0.01)
         old_rows = [list(r) for r in model.wte.data]
-        old_m = [list(r) for r in opt.state["wte"][0]]
+        old_m = [list(r) for r in opt.state["wte"].m]
         model.freeze_base()
         model.grow_vocab(V + 5)
         self.assertEqual(model.vocab_size, V + 5)
@@ -204,7 +204,7 @@ class DeltaAndFreezeTest(unittest.TestCase):
         loss.backward()
         opt.step(model.named_params(), 0.01)
         self.assertEqual(model.wte.data[:V], old_rows)          # frozen rows untouched
-        self.assertEqual(opt.state["wte"][0][:V], old_m)         # and their Adam state
+        self.assertEqual(opt.state["wte"].m[:V], old_m)         # and their Adam state
         self.assertNotEqual(model.wte.data[V + 2], [0.0] * 8)
 
 
@@ -225,7 +225,7 @@ class ScheduleTest(unittest.TestCase):
         opt = M.Adam(cfg)
         norm = opt.step([("p", p)], 0.1)
         self.assertAlmostEqual(norm, 500.0)
-        m = opt.state["p"][0][0]
+        m = opt.state["p"].m[0]
         self.assertAlmostEqual(m[0], 0.1 * 0.6)                  # (1 - beta1) * clipped grad
         self.assertAlmostEqual(m[1], 0.1 * 0.8)
 

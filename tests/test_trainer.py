@@ -3,6 +3,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import types
 import unittest
 
 import macrogpt as M
@@ -47,12 +48,12 @@ class TrainerTest(unittest.TestCase):
         self.memory.add_corpus_lines(train, "seed")
         self.clock = Clock()
 
-    def trainer(self, cfg, brain=None):
+    def trainer(self, cfg, brain=None, workers=None):
         brain = brain or M.Brain.fresh(cfg, seed=1)
-        field = M.NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
-        t = M.Trainer(cfg, brain, self.memory, field, self.heldout, M.InlinePool(), seed=1,
-                      ckpt_path=self.ckpt, now=self.clock)
-        t.maybe_retrain_bpe()
+        corpus = M.Corpus(cfg, self.memory, brain.tok, self.heldout, seed=1)
+        learner = M.Learner(cfg, brain, workers or M.Workers(0, 1), seed=1)
+        t = M.Trainer(cfg, corpus, self.memory, learner, ckpt_path=self.ckpt, now=self.clock)
+        t.update_tokenizer()
         return t
 
     def run_tick(self, trainer):
@@ -60,7 +61,7 @@ class TrainerTest(unittest.TestCase):
 
     def warmed_up(self, cfg):
         t = self.trainer(cfg)
-        while not t.brain.progress["warmup_done"]:
+        while not t.brain.progress.warmup_done:
             self.run_tick(t)
         return t
 
@@ -68,108 +69,137 @@ class TrainerTest(unittest.TestCase):
         t = self.trainer(tiny_trainer_config())
         self.assertGreater(t.brain.tok.vocab_size, M.N_BASE_VOCAB)
         self.assertEqual(t.brain.model.vocab_size, t.brain.tok.vocab_size)
-        self.assertEqual(t.field.vocab_size, t.brain.tok.vocab_size)
+        self.assertEqual(t.corpus.field.vocab_size, t.brain.tok.vocab_size)
+        self.assertIs(t.corpus.tok, t.brain.tok)
 
     def test_warmup_resumes_after_restart(self):
-        cfg = tiny_trainer_config()
+        cfg = tiny_trainer_config()                              # checkpoint_every_seconds = 0: a job is one step
         t = self.trainer(cfg)
         self.run_tick(t)
-        self.assertEqual(t.brain.step, M.WARMUP_CHUNK_STEPS)
-        self.assertFalse(t.brain.progress["warmup_done"])
-        self.assertTrue(os.path.exists(self.ckpt))              # checkpoint_every_seconds = 0
+        self.assertEqual(t.brain.step, 1)
+        self.assertFalse(t.brain.progress.warmup_done)
+        self.assertEqual(M.Brain.load(self.ckpt, cfg, seed=1).step, 1)
         again = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
-        self.assertEqual(again.brain.step, M.WARMUP_CHUNK_STEPS)
-        self.run_tick(again)
+        while not again.brain.progress.warmup_done:
+            self.run_tick(again)
         self.assertEqual(again.brain.step, 16)
-        self.assertTrue(again.brain.progress["warmup_done"])
         self.assertEqual(again.brain.model.n_deltas, 1)
-        h = again.brain.progress["heldout"]
-        self.assertTrue(h["field_bpb"] > 0 and h["model_bpb"] > 0)
-        self.assertLessEqual(h["mix_bpb"], min(h["field_bpb"], h["model_bpb"]) + 1e-9)
+        h = again.brain.progress.heldout
+        self.assertTrue(h.field_bpb > 0 and h.model_bpb > 0)
+        self.assertLessEqual(h.mix_bpb, min(h.field_bpb, h.model_bpb) + 1e-9)
         self.assertEqual(M.Brain.load(self.ckpt, cfg).step, 16)
 
-    def test_jobs_reuse_the_workers_bytes_until_the_brain_changes(self):
+    def test_workers_load_the_brain_only_after_it_changed(self):
         cfg = tiny_trainer_config(warmup_steps=8)
         t = self.trainer(cfg)
-        job = t.make_job(2)
-        self.assertIs(t.make_job(2)["ckpt"], job["ckpt"])            # nothing changed: no re-serializing
-        result = M.run_job(job)
-        t.adopt(result)
-        self.assertIs(t.make_job(2)["ckpt"], result["ckpt"])        # the worker's bytes go straight back
-        self.assertEqual(t.brain.step, 2)
-        t.brain.model.add_delta()                                   # a change made here must travel
-        sent = M.Brain.from_body(M.parse_checkpoint(t.make_job(2)["ckpt"]))
-        self.assertEqual(sent.model.n_deltas, 1)
-        self.assertEqual(sent.step, 2)
+        loads = []
+        original = t.learner.workers.load
+        t.learner.workers.load = lambda raw, n: (loads.append(n), original(raw, n))
+        self.run_tick(t)
+        self.run_tick(t)
+        self.assertEqual(len(loads), 1)                          # two jobs, one load
+        t.brain.model.add_delta()
+        t.learner.changed()                                      # a change made here must travel
+        self.run_tick(t)
+        self.assertEqual(len(loads), 2)
+        self.assertEqual(t.learner.workers.local.brain.model.n_deltas, 1)
 
     def test_burst_waits_for_material_and_cooldown(self):
-        cfg = tiny_trainer_config()
+        cfg = tiny_trainer_config(idle_training=False)
         t = self.warmed_up(cfg)
         self.clock.t += 100
         self.assertFalse(t.burst_due())                          # nothing new yet
-        t.add_lines(M.turn_to_corpus_lines("where does the river go at night?", "it goes to the sea."))
+        t.corpus.add(["H: where does the river go at night?", "A: it goes to the sea."], "chat")
         self.assertTrue(t.burst_due())
         step = t.brain.step
         self.assertTrue(self.run_tick(t))
-        self.assertEqual(t.brain.step, step + cfg.micro_steps)
-        self.assertEqual(t.brain.progress["bursts"], 1)                # counted on the adopted brain
-        t.add_lines(M.turn_to_corpus_lines("and the moon, where does it sleep?", "behind the hills."))
+        self.assertEqual(t.step, step + cfg.micro_steps)
+        self.assertEqual(t.brain.progress.bursts, 1)
+        t.corpus.add(["H: and the moon, where does it sleep?", "A: behind the hills."], "chat")
         self.assertFalse(t.burst_due())                          # within the 30 s cooldown
         self.clock.t += 31
         self.assertTrue(t.burst_due())
 
     def test_material_still_waiting_for_a_burst_survives_a_restart(self):
-        cfg = tiny_trainer_config()
+        cfg = tiny_trainer_config(idle_training=False)
         t = self.warmed_up(cfg)
-        t.add_lines(M.turn_to_corpus_lines("where does the river go at night?", "it goes to the sea."))
-        pending = t.pending_bytes
+        t.corpus.add(["H: where does the river go at night?", "A: it goes to the sea."], "chat")
+        pending = t.corpus.pending.bytes
         self.assertGreater(pending, 0)
         again = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
-        self.assertEqual(again.pending_bytes, pending)
+        self.assertEqual(again.corpus.pending.bytes, pending)
         self.clock.t += 100
         self.assertTrue(again.burst_due())
         self.run_tick(again)
         third = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
-        self.assertEqual(third.pending_bytes, 0)                   # that material has had its burst
+        self.assertEqual(third.corpus.pending.bytes, 0)          # that material has had its burst
 
     def test_frozen_base_is_untouched_by_bursts(self):
-        cfg = tiny_trainer_config(forget_tolerance=10.0)
+        cfg = tiny_trainer_config(forget_tolerance=10.0, idle_training=False)
         t = self.warmed_up(cfg)
         base = {n: [list(r) for r in p.data] for n, p in t.brain.model.base_params()}
         deltas = {n: [list(r) for r in p.data] for n, p in t.brain.model.delta_params()}
         self.clock.t += 100
-        t.add_lines(M.turn_to_corpus_lines("a brand new question about lamps", "lamps glow at dusk."))
+        t.corpus.add(["H: a brand new question about lamps", "A: lamps glow at dusk."], "chat")
         self.run_tick(t)
+        self.assertEqual(t.brain.progress.bursts, 1)
         self.assertEqual({n: p.data for n, p in t.brain.model.base_params()}, base)
         changed = {n: p.data for n, p in t.brain.model.delta_params()}
         self.assertNotEqual(changed, deltas)
 
     def test_harmful_burst_is_rolled_back_and_logged(self):
-        cfg = tiny_trainer_config(forget_tolerance=0.0, lr=0.5, lr_min=0.5, micro_steps=6)
+        cfg = tiny_trainer_config(forget_tolerance=0.0, lr=0.5, lr_min=0.5, micro_steps=6, idle_training=False)
         t = self.warmed_up(cfg)
+        t.brain.progress.best_nll /= 2                           # a bar no burst of garbage can reach
         before_brain = t.brain
         weights = {n: [list(r) for r in p.data] for n, p in t.brain.model.named_params()}
         self.clock.t += 100
         garbage = ["%08x zq xj %d vv" % (i * 2654435761 % 2 ** 32, i) for i in range(60)]
-        t.add_lines(garbage)
+        t.corpus.add(garbage, "chat")
         self.assertTrue(t.burst_due())
         self.run_tick(t)
         self.assertIs(t.brain, before_brain)
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
+        self.assertEqual(t.step, t.brain.step)                   # the rolled-back steps are gone
         self.assertEqual(self.memory.rejected_bursts(), 1)
-        self.assertEqual(M.Brain.load(self.ckpt, cfg).progress["bursts"], 1)     # counted across a restart
+        self.assertEqual(M.Brain.load(self.ckpt, cfg).progress.bursts, 1)     # counted across a restart
         self.assertIn("rejected", self.memory.growth_rows()[-1]["note"])
 
-    def test_judge_keeps_a_burst_within_tolerance(self):
-        cfg = tiny_trainer_config(forget_tolerance=0.02)
+    def test_judge_compares_with_the_best_accepted_state(self):
+        cfg = tiny_trainer_config(forget_tolerance=0.02, idle_training=False)
         t = self.warmed_up(cfg)
-        n = len(t.field_probs())
-        job = t.make_job(0)
-        result = M.run_job(job)
-        result["before"], result["after"] = [0.5] * n, [0.5 ** 1.01] * n    # +1% loss: kept
-        self.assertTrue(t.judge_burst(result, False))
-        result["after"] = [0.5 ** 1.05] * n                                # +5%: rejected
-        self.assertFalse(t.judge_burst(result, False))
+        now = t.brain.progress.heldout.nll
+        t.brain.progress.best_nll = now / 1.01                   # 1% worse than the best: kept
+        self.assertTrue(asyncio.run(t.judge("test")))
+        self.assertAlmostEqual(t.brain.progress.best_nll, now / 1.01)   # the bar never rises
+        t.brain.progress.best_nll = now / 1.05                   # 5% worse: rolled back
+        self.assertFalse(asyncio.run(t.judge("test")))
+
+    def test_idle_learning_runs_when_no_burst_is_due_and_a_harmful_phase_is_rolled_back(self):
+        cfg = tiny_trainer_config(forget_tolerance=0.0, lr=0.5, lr_min=0.5, idle_steps=6)
+        t = self.warmed_up(cfg)
+        t.brain.progress.best_nll /= 2
+        weights = {n: [list(r) for r in p.data] for n, p in t.brain.model.named_params()}
+        step = t.brain.step
+        self.assertTrue(self.run_tick(t))                        # nothing to burst on: an idle phase
+        self.assertEqual(t.brain.progress.idle_phases, 1)
+        self.assertIn("rejected idle", self.memory.growth_rows()[-1]["note"])
+        self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
+        self.assertEqual((t.brain.step, t.step), (step, step))
+        self.assertFalse(self.run_tick(t))                       # backing off: waits a while
+        self.clock.t += 121
+        self.assertTrue(self.run_tick(t))
+
+    def test_idle_learning_trains_the_base_and_can_be_switched_off(self):
+        cfg = tiny_trainer_config(forget_tolerance=10.0, idle_steps=4)
+        t = self.warmed_up(cfg)
+        base = {n: [list(r) for r in p.data] for n, p in t.brain.model.base_params()}
+        self.assertTrue(self.run_tick(t))
+        self.assertEqual(t.brain.progress.idle_phases, 1)
+        self.assertNotEqual({n: p.data for n, p in t.brain.model.base_params()}, base)
+        off = self.warmed_up(tiny_trainer_config(idle_training=False))
+        self.assertFalse(self.run_tick(off))
+        self.assertEqual(off.status, "waiting for new material")
 
 
 class VoiceTest(unittest.TestCase):
@@ -182,12 +212,13 @@ class VoiceTest(unittest.TestCase):
         field = M.NGramField(3, brain.tok.vocab_size, 0.75)
         field.rebuild([brain.tok.encode(l) for l in lines])
         voice = M.Voice(cfg, seed=3)
-        recalled = M.Recall(lines).answers_for("do you like the rain?")
+        corpus = types.SimpleNamespace(field=field, recall=M.Recall(lines), lexicon=None)
+        recalled = corpus.recall.answers_for("do you like the rain?")
         self.assertIn("A: I like the rain when it is calm.", recalled)
         vocab = set(" ".join(lines).replace(".", " ").replace(",", " ").replace("?", " ").split())
         known = total = 0
         for _ in range(5):
-            reply = voice.reply(brain, field, 0.0, [], "do you like the rain?", recalled)
+            reply = voice.reply(brain, corpus, [], "do you like the rain?")
             self.assertTrue(reply)
             self.assertTrue(all(32 <= ord(c) < 127 for c in reply), reply)     # corpus is plain ASCII
             words = reply.replace(".", " ").replace(",", " ").split()
@@ -263,8 +294,9 @@ class VoiceTest(unittest.TestCase):
         brain = M.Brain.fresh(cfg, seed=0)
         field = M.NGramField(3, brain.tok.vocab_size, 0.75)
         field.rebuild([brain.tok.encode(l) for l in lines])
+        corpus = types.SimpleNamespace(field=field, recall=M.Recall(lines), lexicon=M.Lexicon(lines))
         for seed in range(4):
-            reply = M.Voice(cfg, seed=seed).reply(brain, field, 0.0, [], "\u4f60\u597d", lexicon=M.Lexicon(lines))
+            reply = M.Voice(cfg, seed=seed).reply(brain, corpus, [], "\u4f60\u597d")
             self.assertTrue(reply)
             self.assertNotIn("\ufffd", reply)
 
