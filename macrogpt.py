@@ -75,6 +75,12 @@ def _is_kind(value, kind):
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def field_kind(name):
+    """'int', 'float' or 'bool': the annotation of Config field `name`."""
+    f = {f.name: f for f in fields(Config)}[name]
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
 @dataclass
 class Config:
     # model
@@ -142,7 +148,7 @@ class Config:
 
     def validate(self):
         for f in fields(self):
-            kind, value = f.type if isinstance(f.type, str) else f.type.__name__, getattr(self, f.name)
+            kind, value = field_kind(f.name), getattr(self, f.name)
             if not _is_kind(value, kind):
                 raise ConfigError("Config.%s must be %s, got %r" % (f.name, _KIND_NAMES[kind], value))
         positive = ("n_layer", "n_embd", "n_head", "block_size", "delta_rank", "max_delta_modules",
@@ -178,6 +184,8 @@ class Config:
             raise ConfigError("Config.entropy_low must not exceed entropy_high")
         if self.heldout_every < 2:
             raise ConfigError("Config.heldout_every must be at least 2 (1 would hold out every line)")
+        if not 0 <= self.field_discount < 1:
+            raise ConfigError("Config.field_discount must be in [0, 1), got %r" % self.field_discount)
         if self.forget_tolerance < 0 or self.qb_cooldown_seconds < 0:
             raise ConfigError("Config.forget_tolerance and qb_cooldown_seconds must be >= 0")
 
@@ -1672,7 +1680,7 @@ def validate_setting(cfg, name, text):
     """'/set top_k 20' -> a new Config, or MacroError with a one-line reason."""
     if name not in SAMPLING_KEYS:
         raise MacroError("unknown setting %r; choose one of: %s" % (name, ", ".join(SAMPLING_KEYS)))
-    kind = type(getattr(cfg, name))
+    kind = {"int": int, "float": float}[field_kind(name)]     # the field's type, not the value's
     try:
         value = kind(text)
     except ValueError:

@@ -43,6 +43,19 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertRejects("entropy_temp_focus", entropy_temp_focus=0.0)      # divided by in sampling
         self.assertRejects("entropy_temp_boost", entropy_temp_boost=-1.0)
 
+    def test_field_discount_keeps_probabilities_positive(self):
+        self.assertRejects("field_discount", field_discount=1.5)     # gave probabilities down to -0.025
+        self.assertRejects("field_discount", field_discount=-0.5)
+        self.assertRejects("field_discount", field_discount=1.0)
+        self.assertEqual(Config(field_discount=0.0).field_discount, 0.0)
+
+    def test_set_takes_the_kind_from_the_field_not_the_value(self):
+        import macrogpt as M
+        cfg = Config(top_p=1)                                      # an int in a float field
+        self.assertEqual(M.validate_setting(cfg, "top_p", "0.9").top_p, 0.9)
+        with self.assertRaisesRegex(M.MacroError, "top_k needs an integer"):
+            M.validate_setting(cfg, "top_k", "0.5")
+
     def test_dict_round_trip(self):
         c = Config(n_layer=3, top_k=7)
         self.assertEqual(Config.from_dict(c.to_dict()), c)

@@ -1,0 +1,161 @@
+"""The Corpus: held out by content, incremental changes equal to a rebuild, no stale caches."""
+import os
+import random
+import shutil
+import tempfile
+import unittest
+
+import macrogpt as M
+from tests.test_trainer import synthetic_corpus, tiny_trainer_config
+
+
+def field_state(field):
+    return field.tables, field.totals, field.seen, field.n_tokens
+
+
+def recall_state(recall):
+    return recall.answers, recall.index
+
+
+class CorpusTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.corpus_path = os.path.join(self.dir, "corpus.txt")
+        self.write_corpus(synthetic_corpus())
+
+    def write_corpus(self, lines):
+        with open(self.corpus_path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def session(self, **kw):
+        cfg = tiny_trainer_config(**kw)
+        s = M.Session(cfg, self.corpus_path, os.path.join(self.dir, "memory.sqlite3"),
+                      os.path.join(self.dir, "macrogpt.ckpt"), seed=3)
+        self.addCleanup(s.close)
+        return s
+
+    def assertConsistent(self, s):
+        """The invariant: everything derived equals a fresh derivation from the database."""
+        corpus, tok = s.corpus, s.brain.tok
+        rows = s.memory.corpus_rows()
+        self.assertEqual(corpus.ids, {i: tok.encode(line) for i, line in rows})
+        fresh = M.NGramField(corpus.field.order, tok.vocab_size, corpus.field.discount)
+        for _, line in rows:
+            fresh.add(tok.encode(line))
+        self.assertEqual(field_state(corpus.field), field_state(fresh))
+        rebuilt = M.Recall()
+        for i, line in rows:
+            rebuilt.add(i, line)
+        self.assertEqual(recall_state(corpus.recall), recall_state(rebuilt))
+        expected = [M.EOS]
+        for _, line in rows:
+            expected += tok.encode(line) + [M.EOS]
+        self.assertEqual(corpus.stream(), expected)
+        held = set(corpus.heldout_lines)
+        self.assertTrue(held)
+        self.assertEqual(held & set(line for _, line in rows), set())
+        self.assertEqual(held & set(corpus.training_lines()), set())
+        self.assertEqual(corpus.n_bytes, sum(len(M.text_to_bytes(l)) for _, l in rows))
+
+    def test_every_derived_structure_equals_a_rebuild_after_any_history(self):
+        rng = random.Random(5)
+        kw = dict(max_corpus_lines=70, enable_bpe_after_chars=200, bpe_retrain_every_chars=300, bpe_num_merges=8)
+        s = self.session(**kw)
+        heldout = list(s.corpus.heldout_lines)
+        said = ["how is the sea today?", "tell me about the rain", "the lamp is bright", "héllo мир 🙂"]
+        grew = pruned = 0
+        for turn in range(60):
+            kind = rng.random()
+            if kind < 0.1:                                    # a restart
+                s.close()
+                s = self.session(**kw)
+            elif kind < 0.2:                                  # someone types a held-out question
+                s.respond(rng.choice([l for l in heldout if l.startswith("H: ")])[3:])
+            elif kind < 0.35:                                 # the same message again
+                s.respond(rng.choice(said))
+            else:
+                said.append("turn %d about the %s and the %s" % (turn, rng.choice(M.__name__ + "xyz"),
+                                                                rng.choice(["moon", "cat", "tea"])))
+                s.respond(said[-1])
+            before = len(s.memory.corpus_rows())
+            grew += s.trainer.update_tokenizer()
+            pruned += before > 70 or len(s.memory.corpus_rows()) == 70
+            self.assertConsistent(s)
+        self.assertEqual(s.corpus.add(heldout, "chat"), 0)   # never, whatever the source
+        self.assertConsistent(s)
+        self.assertGreater(grew, 1)                           # BPE retrained along the way
+        self.assertGreater(pruned, 5)                         # and the corpus sat at its limit
+
+    def test_a_line_added_at_the_top_of_the_file_leaks_nothing(self):
+        self.session().close()
+        self.write_corpus(["H: a brand new first line of the file"] + synthetic_corpus())
+        s = self.session()
+        self.assertEqual(set(s.corpus.heldout_lines) & set(s.memory.corpus_lines()), set())
+        self.assertConsistent(s)
+
+    def test_changing_heldout_every_moves_lines_both_ways(self):
+        self.session(heldout_every=10).close()
+        s = self.session(heldout_every=3)
+        held3 = set(s.corpus.heldout_lines)
+        self.assertEqual(held3 & set(s.memory.corpus_lines()), set())
+        self.assertConsistent(s)
+        self.assertEqual(s.memory.message_count(), 0)                # the messages table is untouched
+        s.close()
+        s = self.session(heldout_every=10)
+        train10, held10 = M.split_heldout(synthetic_corpus(), 10)
+        self.assertEqual(set(held10) & set(s.memory.corpus_lines()), set())
+        self.assertTrue(set(train10) <= set(s.memory.corpus_lines()))   # freed lines train again
+        self.assertConsistent(s)
+
+    def test_a_new_message_is_learned_even_when_its_reply_is_old(self):
+        s = self.session()
+        old_reply = s.memory.corpus_lines()[1]
+        assert old_reply.startswith("A:")
+        pending = s.corpus.pending.bytes
+        added = s.corpus.add(["H: a question never asked before", old_reply], "chat")
+        self.assertEqual(added, 1)
+        ids = s.brain.tok.encode("H: a question never asked before")
+        self.assertIn(ids, list(s.corpus.ids.values()))
+        self.assertIn("never", s.corpus.lexicon.words)
+        self.assertEqual(s.corpus.pending.bytes - pending, len("H: a question never asked before"))
+        self.assertConsistent(s)
+
+    def test_recall_follows_the_corpus_at_its_limit(self):
+        s = self.session(max_corpus_lines=40)
+        for i in range(30):
+            s.corpus.add(["H: where is the zebra number %d" % i, "A: zebra %d is asleep." % i], "chat")
+        self.assertEqual(len(s.memory.corpus_rows()), 40)
+        self.assertEqual(s.corpus.recall.answers_for("where is the zebra?", k=1), ["A: zebra 29 is asleep."])
+        self.assertConsistent(s)
+
+    def test_a_turn_at_the_limit_does_not_re_encode_the_corpus(self):
+        s = self.session(max_corpus_lines=40)
+        for i in range(20):
+            s.respond("message number %d" % i)
+        calls = []
+        s.corpus.reencode = lambda: calls.append(1)
+        s.respond("one more at the limit")
+        self.assertEqual(calls, [])
+        self.assertEqual(len(s.memory.corpus_rows()), 40)
+
+
+class FieldRemovalTest(unittest.TestCase):
+    def test_remove_undoes_add_exactly(self):
+        rng = random.Random(1)
+        lines = [[rng.randrange(270) for _ in range(rng.randrange(1, 12))] for _ in range(60)]
+        field = M.NGramField(4, 300, 0.75)
+        for ids in lines:
+            field.add(ids)
+        for ids in lines[::3]:
+            field.remove(ids)
+        fresh = M.NGramField(4, 300, 0.75)
+        for i, ids in enumerate(lines):
+            if i % 3:
+                fresh.add(ids)
+        self.assertEqual(field_state(field), field_state(fresh))
+        self.assertAlmostEqual(sum(field.probs(lines[1][:2])), 1.0, places=10)
+
+
+if __name__ == "__main__":
+    unittest.main()
