@@ -1,0 +1,226 @@
+"""Data-parallel workers: exact gradients, bit-identical replicas, supervision, per-row Adam."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import macrogpt as M
+from tests.test_trainer import synthetic_corpus, tiny_trainer_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def brain_bytes(cfg, seed=2):
+    brain = M.Brain.fresh(cfg, seed)
+    brain.model.add_delta()
+    return brain.to_bytes()
+
+
+def batch(rng, n, T, V=M.N_BASE_VOCAB):
+    return [[rng.randrange(V) for _ in range(T + 1)] for _ in range(n)]
+
+
+class ShardGradientTest(unittest.TestCase):
+    """In one process: weighted shard gradients add up to the whole batch's gradient."""
+
+    def test_shards_sum_to_the_batch_gradient(self):
+        cfg = tiny_trainer_config()
+        raw = brain_bytes(cfg)
+        rng = random.Random(1)
+        windows = batch(rng, 5, 10)
+        _, _, whole = M.Replica(raw).grad(windows, 1.0, True)
+        total = [0.0] * len(whole)
+        for shard in (windows[0::2], windows[1::2]):
+            _, _, part = M.Replica(raw).grad(shard, len(shard) / len(windows), True)
+            total = [a + b for a, b in zip(total, part)]
+        scale = max(abs(v) for v in whole)
+        self.assertGreater(scale, 0.0)
+        self.assertLess(max(abs(a - b) for a, b in zip(total, whole)) / scale, 1e-12)
+
+
+class WorkersTest(unittest.TestCase):
+    def setUp(self):
+        self.cfg = tiny_trainer_config(batch_size=4)
+        self.raw = brain_bytes(self.cfg)
+        self.workers = M.Workers(2, seed=0)
+        self.addCleanup(self.workers.close)
+        self.workers.load(self.raw, M.Brain.from_bytes(self.raw).model.num_params())
+
+    def replicas(self):
+        return self.workers._call([("to_bytes",)] * self.workers.n)
+
+    def test_the_all_reduced_gradient_is_the_whole_batch_gradient(self):
+        w = self.workers
+        windows = batch(random.Random(3), 4, 10)
+        shards = [windows[0::2], windows[1::2]]
+        w._call([("grad", s, 0.5, True) for s in shards])
+        size = M.Replica(self.raw).grad_size(True)
+        view = memoryview(w.shared).cast("B").cast("d")
+        reduced = M._sum_slots(view, 2, w.capacity, size)
+        _, _, whole = M.Replica(self.raw).grad(windows, 1.0, True)
+        scale = max(abs(v) for v in whole)
+        self.assertLess(max(abs(a - b) for a, b in zip(reduced, whole)) / scale, 1e-12)
+
+    def test_replicas_stay_bit_identical_and_match_one_process(self):
+        rng = random.Random(4)
+        inline = M.Workers(0)
+        inline.load(self.raw, 0)
+        for i in range(4):
+            b = batch(rng, 4, 10)
+            loss2, tokens2 = self.workers.step(b, 0.01, True)
+            loss1, tokens1 = inline.step(b, 0.01, True)
+            self.assertEqual(tokens1, tokens2)
+            self.assertAlmostEqual(loss1, loss2, places=10)
+        a, b = self.replicas()
+        self.assertEqual(a, b)                                    # bit-identical, Adam state included
+        one = M.Brain.from_bytes(inline.ask("to_bytes")).model
+        two = M.Brain.from_bytes(a).model
+        self.assertEqual(M.Brain.from_bytes(a).step, 4)
+        for (name, p), (_, q) in zip(one.named_params(), two.named_params()):
+            for r1, r2 in zip(p.data, q.data):
+                for x, y in zip(r1, r2):
+                    self.assertAlmostEqual(x, y, delta=1e-9, msg=name)
+
+    def test_a_killed_worker_is_replaced_and_training_goes_on(self):
+        brain = M.Brain.from_bytes(self.raw)
+        learner = M.Learner(self.cfg, brain, self.workers, seed=0)
+        learner.synced, learner.live_step = True, brain.step
+        stream = [M.EOS] + list(range(40)) * 10
+        learner._train(stream, 2, True, None, None)
+        os.kill(self.workers.procs[1].pid, signal.SIGKILL)
+        self.workers.procs[1].join(5)
+        result = learner._train(stream, 3, True, None, None)
+        self.assertEqual(len(result.losses), 3)                   # only the step in flight was lost
+        self.assertEqual(learner.live_step, 5)
+        self.assertEqual(self.workers.restarts, 1)
+        self.assertIn("worker 1", learner.failures[0])
+        a, b = self.replicas()
+        self.assertEqual(a, b)
+        self.assertEqual(M.Brain.from_bytes(a).step, 5)
+
+    def test_a_hung_worker_is_replaced(self):
+        brain = M.Brain.from_bytes(self.raw)
+        learner = M.Learner(self.cfg, brain, self.workers, seed=0)
+        learner.synced = True
+        old_timeout, M.WORKER_TIMEOUT = M.WORKER_TIMEOUT, 2.0
+        self.addCleanup(setattr, M, "WORKER_TIMEOUT", old_timeout)
+        hung = self.workers.procs[0]
+        os.kill(hung.pid, signal.SIGSTOP)
+        result = learner._train([M.EOS] + list(range(40)) * 10, 2, True, None, None)
+        self.assertEqual(len(result.losses), 2)
+        self.assertFalse(hung.is_alive())
+        self.assertIn("did not answer", self.workers.last_failure)
+        self.assertEqual(M.Brain.from_bytes(self.replicas()[0]).step, 2)
+
+    def test_close_returns_quickly_even_with_a_stopped_worker(self):
+        os.kill(self.workers.procs[1].pid, signal.SIGSTOP)
+        self.workers.close()
+        self.assertFalse(any(p.is_alive() for p in self.workers.procs))
+
+
+def children_of(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc to find the worker processes")
+class OrphanTest(unittest.TestCase):
+    def test_workers_leave_when_the_parent_is_killed(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "corpus.txt"), "w") as f:
+            f.write("\n".join(synthetic_corpus()) + "\n")
+        with open(os.path.join(d, "tiny.json"), "w") as f:
+            json.dump(dict(n_layer=1, n_embd=8, n_head=2, block_size=16, seq_len=12, warmup_steps=10 ** 6,
+                           train_workers=2, enable_bpe_after_chars=200, bpe_num_merges=20), f)
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "macrogpt.py"), "--corpus", "corpus.txt",
+                                 "--config", "tiny.json"], cwd=d, stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 60
+            kids = []
+            while time.time() < deadline and len(kids) < 2:   # the spawned workers (and a resource tracker)
+                time.sleep(0.2)
+                kids = children_of(proc.pid)
+            self.assertGreaterEqual(len(kids), 2)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(os.path.exists("/proc/%d" % k) for k in kids):
+            time.sleep(0.2)
+        alive = [k for k in kids if os.path.exists("/proc/%d" % k)]
+        for k in alive:
+            os.kill(k, signal.SIGKILL)
+        self.assertEqual(alive, [])
+
+
+class AdamPerRowTest(unittest.TestCase):
+    def test_a_row_added_late_moves_like_a_fresh_parameter(self):
+        cfg = M.Config(grad_clip=1e9)
+        rng = random.Random(6)
+        p, opt = M.param([[0.1, -0.2], [0.3, 0.4]]), M.Adam(cfg)
+        for _ in range(100):
+            p.grad = [[rng.gauss(0, 1), rng.gauss(0, 1)] for _ in range(2)]
+            opt.step([("p", p)], 0.01)
+        p.data.append([0.5, 0.5])                                  # grown, as grow_vocab does
+        q, fresh = M.param([[0.5, 0.5]]), M.Adam(cfg)
+        for _ in range(5):
+            g = [rng.gauss(0, 1), rng.gauss(0, 1)]
+            p.grad = [[0.0, 0.0], [0.0, 0.0], g]
+            q.grad = [list(g)]
+            opt.step([("p", p)], 0.01)
+            fresh.step([("q", q)], 0.01)
+        self.assertEqual(p.data[2], q.data[0])
+        self.assertEqual(opt.state["p"].t, [105, 105, 5])
+
+    def test_counts_survive_a_checkpoint_and_old_files_still_load(self):
+        cfg = tiny_trainer_config()
+        model, opt = M.GPT(cfg, M.N_BASE_VOCAB, 1), M.Adam(cfg)
+        M.train_step(model, opt, [[1, 2, 3]], [[2, 3, 4]], 0.01)
+        model.grow_vocab(M.N_BASE_VOCAB + 2)
+        M.train_step(model, opt, [[1, 2, 3]], [[2, 3, 4]], 0.01)
+        body = M.parse_checkpoint(M.checkpoint_bytes(model, opt, 2))
+        _, again, _, _ = M.restore_checkpoint(body)
+        self.assertEqual(again.state["wte"].t, opt.state["wte"].t)
+        self.assertEqual(again.state["wte"].t[-2:], [1, 1])
+        for entry in body["adam"].values():                       # format 1 kept one count per tensor
+            entry["t"] = 2
+        del body["rng"]
+        body["version"] = 1
+        _, old, _, _ = M.restore_checkpoint(body)
+        self.assertEqual(old.state["wte"].t, [2] * (M.N_BASE_VOCAB + 2))
+
+
+class RandomStateTest(unittest.TestCase):
+    def test_rows_added_after_a_restore_continue_the_generator(self):
+        cfg = tiny_trainer_config()
+        brain = M.Brain.fresh(cfg, 7)
+        initial = [list(r) for r in brain.model.wte.data]
+        restored = M.Brain.from_bytes(brain.to_bytes())
+        restored.model.grow_vocab(len(initial) + 3)
+        brain.model.grow_vocab(len(initial) + 3)
+        new_rows = restored.model.wte.data[len(initial):]
+        self.assertEqual(new_rows, brain.model.wte.data[len(initial):])   # as if never restarted
+        for row in new_rows:
+            self.assertNotIn(row, initial)
+
+
+if __name__ == "__main__":
+    unittest.main()
