@@ -3599,6 +3599,25 @@ def bench_model(cfg, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, o
             "train_flops_per_token": 3 * 2 * forward_macs_per_token(cfg, N_BASE_VOCAB, T)}
 
 
+def bench_workers(cfg, n, steps=4, n_seq=4, T=64, out=print):
+    """Training tokens/s of n worker processes sharing each n_seq x T batch (median; one warm-up step)."""
+    brain = Brain.fresh(cfg)
+    workers = Workers(n)
+    rng, rates = random.Random(0), []
+    try:
+        workers.load(brain.to_bytes(), brain.model.num_params())
+        for i in range(steps + 1):
+            b = [[rng.randrange(N_BASE_VOCAB) for _ in range(T + 1)] for _ in range(n_seq)]
+            t0 = time.perf_counter()
+            workers.step(b, lr_at(i, cfg), True)
+            if i:
+                rates.append(n_seq * T / (time.perf_counter() - t0))
+                out("%d worker%s step %d/%d | %.0f tok/s" % (n, "s" if n > 1 else "", i, steps, rates[-1]))
+    finally:
+        workers.close()
+    return round(_median(rates), 1)
+
+
 def bench_tokenizer(lines, num_merges):
     """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after."""
     tok = Tokenizer()
@@ -3625,6 +3644,10 @@ def run_bench(cfg, corpus_path=None, out=print):
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
     result.update(bench_model(cfg, out=out))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
+    n = result["train_workers"] = worker_count(cfg)
+    result["train_tokens_per_s_1"] = bench_workers(cfg, 1, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
+    result["train_tokens_per_s_all"] = (bench_workers(cfg, n, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
+                                        if n > 1 else result["train_tokens_per_s_1"])
     if corpus_path:
         result.update(bench_tokenizer(read_corpus_file(corpus_path), cfg.bpe_num_merges))
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
@@ -3633,6 +3656,9 @@ def run_bench(cfg, corpus_path=None, out=print):
     out("train %.0f tok/s (%.0f MFLOP/s) | generate %.0f tok/s | naive matmul %.0f MFLOP/s"
         % (result["train_tokens_per_s"], result["train_mflops"], result["gen_tokens_per_s"],
            result["naive_mflops"]))
+    out("data-parallel training: %.0f tok/s with 1 worker, %.0f with %d (x%.2f)"
+        % (result["train_tokens_per_s_1"], result["train_tokens_per_s_all"], n,
+           result["train_tokens_per_s_all"] / max(1e-9, result["train_tokens_per_s_1"])))
     if corpus_path:
         out("tokenizer: %d merges in %.2f s | encode %.0f KB/s | %.3f tokens per byte on %d bytes"
             % (result["bpe_merges"], result["bpe_train_seconds"], result["encode_bytes_per_s"] / 1000,
