@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from collections import Counter
 from itertools import chain, repeat
 
 VERSION = "0.1.0"
@@ -1756,9 +1757,31 @@ class NGramField:
         self.add(ids, by=-1)
 
     def rebuild(self, seqs):
+        """The counts of adding every line, computed in bulk: each distinct k-gram is counted
+        in C (Counter over zipped slices) and bumped once, instead of once per occurrence."""
         self.clear()
+        N = self.order
+        grams = [None] + [Counter() for _ in range(N)]         # grams[k]: raw k-gram counts
         for ids in seqs:
-            self.add(ids)
+            seq = [BOS] * (N - 1) + list(ids) + [EOS]
+            for k in range(1, N + 1):
+                tail = seq[N - k:]                             # k-grams ending at every position
+                grams[k].update(zip(*[tail[j:] for j in range(k)]))
+            self.n_tokens += len(ids) + 1
+        self._fill(N, grams[N])
+        for k in range(2, N + 1):
+            self.seen[k] = dict(grams[k])
+            self._fill(k - 1, Counter(map(operator.itemgetter(slice(1, None)), grams[k])))   # left extensions
+
+    def _fill(self, k, counts):
+        """Order k's table from {k-gram: count} (a fresh table only)."""
+        table = self.tables[k]
+        for gram, c in counts.items():
+            row = table.get(gram[:-1])
+            if row is None:
+                row = table[gram[:-1]] = {}
+            row[gram[-1]] = c
+        self.totals[k] = {ctx: sum(row.values()) for ctx, row in table.items()}
 
     def grow_vocab(self, vocab_size):
         self.vocab_size = max(self.vocab_size, vocab_size)
@@ -2334,8 +2357,7 @@ class Corpus:
         tok = self.tok
         self.ids = {i: tok.encode(line) for i, line in self.texts.items()}
         self.field = NGramField(self.cfg.field_order, tok.vocab_size, self.cfg.field_discount)
-        for ids in self.ids.values():
-            self.field.add(ids)
+        self.field.rebuild(self.ids.values())
         held = []
         for line in self.heldout_lines:
             held.extend(tok.encode(line) + [EOS])

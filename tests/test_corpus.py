@@ -141,6 +141,17 @@ class CorpusTest(unittest.TestCase):
 
 
 class FieldRemovalTest(unittest.TestCase):
+    def test_bulk_rebuild_equals_adding_line_by_line(self):
+        rng = random.Random(2)
+        lines = [[rng.randrange(20) for _ in range(rng.randrange(0, 9))] for _ in range(80)]
+        for order in (1, 2, 4):
+            one_by_one = M.NGramField(order, 30, 0.75)
+            for ids in lines:
+                one_by_one.add(ids)
+            bulk = M.NGramField(order, 30, 0.75)
+            bulk.rebuild(lines)
+            self.assertEqual(field_state(bulk), field_state(one_by_one), order)
+
     def test_remove_undoes_add_exactly(self):
         rng = random.Random(1)
         lines = [[rng.randrange(270) for _ in range(rng.randrange(1, 12))] for _ in range(60)]
