@@ -16,6 +16,14 @@ Benchmark:   python macrogpt.py --bench
 Tests:       python -m unittest            (from the repository root)
 """
 
+import sys
+
+# Checked before `import dataclasses` (3.6 has none). Python 2 cannot parse the print below, and
+# the SyntaxError it shows is that very line, so the need is named there too.
+if sys.version_info < (3, 7):
+    print("macrogpt: error: needs Python 3.7 or newer; this is Python %d.%d" % sys.version_info[:2], file=sys.stderr)
+    sys.exit(2)
+
 import argparse
 import array
 import asyncio
@@ -33,7 +41,6 @@ import random
 import re
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
