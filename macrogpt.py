@@ -3311,12 +3311,13 @@ def bench_tokenizer(lines, num_merges):
 
 def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
     t0 = time.perf_counter()
-    meter = Progress("bench", 3 if corpus_path else 2, show_progress)      # between phases, never inside timing
+    meter = Progress("bench", 3 if corpus_path else 2, show_progress)      # on the quiet phases only
+    meter.update(0)
     result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
               "kernel": "math.dist" if _dist is not None else "sum(map(mul))",
               "gen_kernel": "float" if cfg.exact_generation else "64-bit fixed point"}
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
-    meter.update(1)
+    meter.finish()                                            # bench_model prints a line per step itself
     result.update(bench_model(cfg, out=out))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
     if corpus_path:
