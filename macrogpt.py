@@ -2716,7 +2716,8 @@ class Voice:
 # cannot show the blocks.
 
 GROWTH_HEIGHT = 12                         # plot rows of the chart
-GROWTH_SERIES = (("mix", "heldout_bpb"), ("field", "field_bpb"), ("network", "network_bpb"))   # drawing order
+# drawn in this order, so where the mix equals a source (lambda 0 or 1) the source's glyph shows
+GROWTH_SERIES = (("mix", "heldout_bpb"), ("field", "field_bpb"), ("network", "network_bpb"))
 GROWTH_GLYPHS = {"network": ("\u2588", "#"), "field": ("\u2591", "-"), "mix": ("\u2592", "+"),
                  "burst": ("\u25b2", "^"), "rejected": ("\u00d7", "x"),
                  "axis": ("\u2502\u2524\u2514\u2500", "||+-")}       # (unicode, ascii)
@@ -2736,7 +2737,8 @@ def _burst_mark(note):
 
 def _draw_line(grid, points, glyph):
     """Join consecutive (col, row) points with one cell per step along the longer axis."""
-    for (c1, r1), (c2, r2) in zip(points, points[1:] or points):
+    segments = list(zip(points, points[1:])) or [(points[0], points[0])]     # a lone point is drawn too
+    for (c1, r1), (c2, r2) in segments:
         n = max(abs(c2 - c1), abs(r2 - r1), 1)
         for i in range(n + 1):
             grid[round(r1 + (r2 - r1) * i / n)][round(c1 + (c2 - c1) * i / n)] = glyph

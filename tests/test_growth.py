@@ -79,6 +79,23 @@ class GrowthLogTest(unittest.TestCase):
         last = again.growth_rows()[-1]
         self.assertEqual((last["network_bpb"], last["field_bpb"], last["heldout_bpb"]), (3.3, 3.4, 3.1))
 
+    def test_a_migration_that_fails_leaves_the_file_at_version_1(self):
+        db = sqlite3.connect(self.path)
+        db.executescript(SCHEMA_V1)
+        db.execute("ALTER TABLE growth ADD COLUMN field_bpb REAL")    # the second step will collide
+        db.execute("INSERT INTO growth (time, step, note) VALUES (1.0, 5, 'kept')")
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+        db.close()
+        with self.assertRaises(M.MemoryStoreError):
+            M.Memory(self.path)
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 1)
+        columns = [r[1] for r in db.execute("PRAGMA table_info(growth)")]
+        self.assertNotIn("network_bpb", columns)                       # the first step was rolled back
+        self.assertEqual(db.execute("SELECT step, note FROM growth").fetchall(), [(5, "kept")])
+
     def test_a_fresh_file_has_the_new_columns(self):
         mem = self.open()
         mem.log_growth(step=1, network_bpb=5.5, field_bpb=4.5, heldout_bpb=4.4)
