@@ -1,6 +1,6 @@
 """The growth log: per-source figures stored (schema 2, migrated from 1) and drawn as a terminal chart."""
-import asyncio
 import io
+import math
 import os
 import shutil
 import sqlite3
@@ -102,7 +102,7 @@ class GrowthLogTest(unittest.TestCase):
         self.assertEqual(mem.growth_rows()[0]["network_bpb"], 5.5)
         self.assertEqual(mem.db.execute("PRAGMA user_version").fetchone()[0], M.MEMORY_VERSION)
 
-    def test_trainer_logs_network_field_and_mix_at_the_end_of_warmup(self):
+    def test_trainer_logs_network_field_and_mix_of_its_measurement(self):
         mem = self.open()
         train, heldout = M.split_heldout(synthetic_corpus(), 5)
         mem.add_corpus_lines(train, "seed")
@@ -110,13 +110,14 @@ class GrowthLogTest(unittest.TestCase):
         brain = M.Brain.fresh(cfg, seed=1)
         field = M.NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
         trainer = M.Trainer(cfg, brain, mem, field, heldout, M.InlinePool(), seed=1, now=Clock())
-        while not trainer.brain.progress["warmup_done"]:
-            asyncio.run(trainer.tick())
-        h = trainer.brain.progress["heldout"]
+        n = len(trainer.heldout_stream) - 1
+        h = trainer.record_heldout([0.05] * n)               # a network that gives each token 1/20
+        trainer.log_growth("warmup done")
         last = mem.growth_rows()[-1]
         self.assertEqual(last["note"], "warmup done")
         self.assertEqual((last["network_bpb"], last["field_bpb"], last["heldout_bpb"]),
                          (h["model_bpb"], h["field_bpb"], h["mix_bpb"]))
+        self.assertAlmostEqual(last["network_bpb"], n * math.log2(20) / trainer.heldout_bytes)
         self.assertNotEqual(last["network_bpb"], last["field_bpb"])
 
 
