@@ -16,6 +16,14 @@ Benchmark:   python macrogpt.py --bench
 Tests:       python -m unittest            (from the repository root)
 """
 
+import sys
+
+# Checked before `import dataclasses` (3.6 has none). Python 2 cannot parse the print below, and
+# the SyntaxError it shows is that very line, so the need is named there too.
+if sys.version_info < (3, 7):
+    print("macrogpt: error: needs Python 3.7 or newer; this is Python %d.%d" % sys.version_info[:2], file=sys.stderr)
+    sys.exit(2)
+
 import argparse
 import array
 import asyncio
@@ -32,9 +40,10 @@ import operator
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
-import sys
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -2078,17 +2087,23 @@ class MemoryStoreError(MacroError):
     pass
 
 
-MEMORY_VERSION = 1
+MEMORY_VERSION = 2
 SCHEMA = """
 CREATE TABLE messages (id INTEGER PRIMARY KEY, time REAL NOT NULL, role TEXT NOT NULL, text BLOB NOT NULL);
 CREATE TABLE corpus (id INTEGER PRIMARY KEY, line BLOB NOT NULL UNIQUE, source TEXT NOT NULL, time REAL NOT NULL);
 CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE growth (id INTEGER PRIMARY KEY, time REAL NOT NULL, step INTEGER, vocab INTEGER,
                      params INTEGER, deltas INTEGER, loss REAL, heldout_bpb REAL, tokens_per_s REAL,
-                     note TEXT);
+                     note TEXT, network_bpb REAL, field_bpb REAL);
 CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-GROWTH_FIELDS = ("step", "vocab", "params", "deltas", "loss", "heldout_bpb", "tokens_per_s", "note")
+# Statements that take schema version v to v + 1; a file is brought up to date when opened.
+MIGRATIONS = {
+    1: ("ALTER TABLE growth ADD COLUMN network_bpb REAL",       # heldout_bpb is the mix; these are
+        "ALTER TABLE growth ADD COLUMN field_bpb REAL"),        # its two sources, for the chart
+}
+GROWTH_FIELDS = ("step", "vocab", "params", "deltas", "loss", "heldout_bpb", "tokens_per_s", "note",
+                 "network_bpb", "field_bpb")
 
 
 class Memory:
@@ -2129,8 +2144,18 @@ class Memory:
                         if stmt.strip():
                             self.db.execute(stmt)
                     self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
+            elif version < MEMORY_VERSION:
+                self._migrate(version)
         except sqlite3.Error as e:
             raise MemoryStoreError("cannot use database %s: %s" % (path, e))
+
+    def _migrate(self, version):
+        """All steps from `version` to MEMORY_VERSION in one transaction: a failure leaves the file as it was."""
+        with self.transaction():
+            for v in range(version, MEMORY_VERSION):
+                for stmt in MIGRATIONS[v]:
+                    self.db.execute(stmt)
+            self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -3155,9 +3180,9 @@ class Trainer:
     def log_growth(self, note):
         b, h = self.brain, self.brain.progress.heldout
         self.memory.log_growth(step=self.learner.live_step, vocab=b.model.vocab_size, params=b.model.num_params(),
-                               deltas=b.model.n_deltas, loss=b.progress.loss,
-                               heldout_bpb=h.mix_bpb if h else None, tokens_per_s=b.progress.tokens_per_s,
-                               note=note)
+                               deltas=b.model.n_deltas, loss=b.progress.loss, tokens_per_s=b.progress.tokens_per_s,
+                               heldout_bpb=h and h.mix_bpb, network_bpb=h and h.model_bpb,
+                               field_bpb=h and h.field_bpb, note=note)
 
     def save(self):
         if self.ckpt_path:
@@ -3272,12 +3297,149 @@ class Voice:
 
 
 # ======================================================================================
+# Growth chart: the growth log drawn in the terminal, held-out bits per byte against step.
+# ======================================================================================
+# A pure renderer (rows in, text out). Series differ by glyph, not colour, so the chart
+# survives any terminal, a pipe or a README; ASCII stands in where the output encoding
+# cannot show the blocks.
+
+GROWTH_HEIGHT = 12                         # plot rows of the chart
+# drawn in this order, so where the mix equals a source (lambda 0 or 1) the source's glyph shows
+GROWTH_SERIES = (("mix", "heldout_bpb"), ("field", "field_bpb"), ("network", "network_bpb"))
+GROWTH_GLYPHS = {"network": ("\u2588", "#"), "field": ("\u2591", "-"), "mix": ("\u2592", "+"),
+                 "burst": ("\u25b2", "^"), "rejected": ("\u00d7", "x"),
+                 "axis": ("\u2502\u2524\u2514\u2500", "||+-")}       # (unicode, ascii)
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _burst_mark(note):
+    """'burst' for a kept burst, 'rejected' for a rolled-back one, None for any other row."""
+    note = note or ""
+    if note.startswith("rejected"):
+        return "rejected"
+    return "burst" if note.startswith("burst") else None
+
+
+def _draw_line(grid, points, glyph):
+    """Join consecutive (col, row) points with one cell per step along the longer axis."""
+    segments = list(zip(points, points[1:])) or [(points[0], points[0])]     # a lone point is drawn too
+    for (c1, r1), (c2, r2) in segments:
+        n = max(abs(c2 - c1), abs(r2 - r1), 1)
+        for i in range(n + 1):
+            grid[round(r1 + (r2 - r1) * i / n)][round(c1 + (c2 - c1) * i / n)] = glyph
+
+
+def _x_labels(first, last, width):
+    """'0        step       1224' under a plot `width` columns wide."""
+    left, right, mid = str(first), str(last), "step"
+    gap = width - len(left) - len(right)
+    if gap >= len(mid) + 2:
+        pad = (gap - len(mid)) // 2
+        return left + " " * pad + mid + " " * (gap - len(mid) - pad) + right
+    if gap >= 1:
+        return left + " " * gap + right
+    return right[-width:]
+
+
+def _wrapped(text, width):
+    return textwrap.wrap(text, max(1, width), break_long_words=True) or [""]
+
+
+def _packed(items, width, sep="  "):
+    """Items joined by sep into lines <= width, never splitting an item that fits a line."""
+    lines = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.extend(_wrapped(item, width))
+    return lines
+
+
+def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
+    """Held-out bits per byte of network, field and mix against training step -> text lines <= width.
+
+    rows are Memory.growth_rows() dicts; missing, None or NaN figures are skipped, and rows of a
+    burst or a rejected burst put a mark on the step axis.
+    """
+    g = {k: v[1 if ascii else 0] for k, v in GROWTH_GLYPHS.items()}
+    bar, tick, corner, rule = g["axis"]
+    rows = [r for r in rows if _finite(r.get("step"))]
+    if not rows:
+        return "\n".join(_wrapped("the growth log is empty: it fills in as the network trains", width))
+    values = [v for r in rows for v in (r.get(key) for _, key in GROWTH_SERIES) if _finite(v)]
+    if not values:
+        return "\n".join(_wrapped("no held-out figures yet (the log reaches step %d): they are first measured "
+                                  "when warmup ends" % max(r["step"] for r in rows), width))
+    # warmup checkpoints carry no figure: the step axis starts where there is something to draw
+    rows = [r for r in rows if _burst_mark(r.get("note")) or any(_finite(r.get(k)) for _, k in GROWTH_SERIES)]
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    labels = ["%.2f" % hi, "%.2f" % ((hi + lo) / 2), "%.2f" % lo]
+    lw = max(len(s) for s in labels)
+    plot_w, height = width - lw - 2, max(3, height)
+    if plot_w < 2:
+        return "\n".join(_wrapped("too narrow for the growth chart", width))
+    s0, s1 = min(r["step"] for r in rows), max(r["step"] for r in rows)
+
+    def col(step):
+        return 0 if s1 == s0 else round((step - s0) / (s1 - s0) * (plot_w - 1))
+
+    def row(v):
+        return round((hi - v) / (hi - lo) * (height - 1))
+    grid = [[" "] * plot_w for _ in range(height)]
+    for name, key in GROWTH_SERIES:
+        points = [(col(r["step"]), row(r[key])) for r in rows if _finite(r.get(key))]
+        if points:
+            _draw_line(grid, points, g[name])
+    axis = [rule] * plot_w
+    for r in rows:
+        mark = _burst_mark(r.get("note"))
+        if mark and axis[col(r["step"])] != g["rejected"]:
+            axis[col(r["step"])] = g[mark]
+    label_at = {0: labels[0], (height - 1) // 2: labels[1], height - 1: labels[2]}
+    out = _wrapped("held-out bits per byte by training step (lower is better)", width)
+    for i, cells in enumerate(grid):
+        out.append("%*s %s%s" % (lw, label_at.get(i, ""), tick if i in label_at else bar, "".join(cells)))
+    out.append(" " * (lw + 1) + corner + "".join(axis))
+    out.append(" " * (lw + 2) + _x_labels(s0, s1, plot_w))
+    n_burst = sum(_burst_mark(r.get("note")) == "burst" for r in rows)
+    n_rejected = sum(_burst_mark(r.get("note")) == "rejected" for r in rows)
+    out.extend(_packed(["%s network" % g["network"], "%s field" % g["field"], "%s mix" % g["mix"],
+                        "%s burst (%d)" % (g["burst"], n_burst),
+                        "%s rejected burst (%d)" % (g["rejected"], n_rejected)], width))
+    return "\n".join(line.rstrip() for line in out)
+
+
+def can_show(text, stream):
+    """Whether stream's encoding can write text as it is."""
+    try:
+        text.encode(getattr(stream, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def growth_chart(rows, stream=None):
+    """The chart as this output can show it: at most 80 columns, ASCII if the encoding lacks the blocks."""
+    stream = stream or sys.stdout
+    unicode_glyphs = "".join(v[0] for v in GROWTH_GLYPHS.values())
+    width = min(80, shutil.get_terminal_size().columns)
+    return render_growth(rows, width, ascii=not can_show(unicode_glyphs, stream))
+
+
+# ======================================================================================
 # Session: the thin coordinator that wires memory, corpus, trainer and voice together.
 # ======================================================================================
 
 HELP = """commands:
   /help              this text
   /status            training progress, held-out figures, sizes
+  /growth            chart of held-out bits per byte over training
   /set KEY VALUE     change a sampling setting (kept in memory.sqlite3): %s
   /save              write the checkpoint now
   /quit              save and exit (also Ctrl+D; Ctrl+C saves and exits, twice exits at once)""" % ", ".join(SAMPLING_KEYS)
@@ -3341,6 +3503,8 @@ class Session:
             return HELP, False
         if name == "/status":
             return self.status(), False
+        if name == "/growth":
+            return growth_chart(self.memory.growth_rows()), False
         if name == "/save":
             try:
                 self.save()
@@ -3405,6 +3569,94 @@ def format_duration(seconds):
 
 
 # ======================================================================================
+# Progress notes: one fixed-format line about training, shown where the user already looks.
+# ======================================================================================
+# The REPL shows these after a reply, never over the line being typed, and only when
+# something moved; long command-line work (--eval, --bench) keeps one line updated on
+# stderr while it is a terminal.
+
+def warmup_percent(step, cfg):
+    return min(100, int(100 * step / max(1, cfg.warmup_steps)))
+
+
+def progress_line(progress, cfg, step):
+    """`[warmup 34% | step 410/1200 | eta 12m03s | held-out -]` from a Brain's Progress."""
+    tps = progress.tokens_per_s
+    left = max(0, cfg.warmup_steps - step)
+    eta = left * cfg.batch_size * cfg.seq_len / tps if tps and left else None
+    h = progress.heldout
+    held = "%.2f bits/byte" % h.mix_bpb if h else "-"
+    return "[warmup %d%% | step %d/%d | eta %s | held-out %s]" % (
+        warmup_percent(step, cfg), step, cfg.warmup_steps, format_duration(eta), held)
+
+
+class TrainingNotes:
+    """Decides which progress notes the REPL shows after a reply; each is said at most once.
+
+    A warmup line appears when the percentage moved by at least one point or a new held-out
+    figure came in; the first time lambda rises above 0 the network's arrival is announced.
+    """
+
+    def __init__(self, cfg, progress):
+        self.cfg = cfg
+        self.shown = None                                   # (percent, held-out) of the last line
+        self.warmup_over = progress.warmup_done            # a restart after warmup has none to show
+        self.spoke = progress.lam > 0
+
+    def lines(self, progress, step):
+        out = []
+        if not self.warmup_over:
+            h = progress.heldout
+            now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
+            if self.shown is None or now[0] - self.shown[0] >= 1 or now[1] != self.shown[1]:
+                out.append(progress_line(progress, self.cfg, step))
+                self.shown = now
+            self.warmup_over = progress.warmup_done
+        lam = progress.lam
+        if not self.spoke and lam > 0:
+            out.append("[the network now speaks: lambda %.2f]" % lam)
+            self.spoke = True
+        return out
+
+
+class Meter:
+    """`eval 34% | 41/120 | eta 12s`, rewritten in place on stderr while it is a terminal; else silent."""
+
+    def __init__(self, label, total, enabled=True, stream=None, now=time.monotonic):
+        self.stream = stream or sys.stderr
+        self.label, self.total, self.now = label, total, now
+        self.on = enabled and total > 0 and _is_terminal(self.stream)
+        self.start, self.percent, self.width = now(), None, 0
+
+    def update(self, done):
+        if not self.on:
+            return
+        percent = int(100 * done / self.total)
+        if percent == self.percent:
+            return
+        self.percent = percent
+        elapsed = self.now() - self.start
+        eta = elapsed / done * (self.total - done) if done else None
+        self._write("%s %d%% | %d/%d | eta %s" % (self.label, percent, done, self.total, format_duration(eta)))
+
+    def finish(self):
+        if self.on and self.width:
+            self._write("")
+
+    def _write(self, text):
+        self.stream.write("\r" + text.ljust(self.width) + ("\r" if not text else ""))
+        self.stream.flush()
+        self.width = len(text) if text else 0
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):          # no isatty, or already closed
+        return False
+
+
+# ======================================================================================
 # REPL: a reader thread feeds lines to the event loop; the trainer runs beside it.
 # ======================================================================================
 # input() blocks, so it runs in a thread; the loop stays free for the trainer's futures.
@@ -3462,7 +3714,7 @@ class LineReader:
             self._put(line)
 
 
-async def chat(session, interactive, train):
+async def chat(session, interactive, train, progress=None):
     loop = asyncio.get_event_loop()
     queue = asyncio.Queue()
     notes = []
@@ -3510,6 +3762,8 @@ async def chat(session, interactive, train):
             for note in notes:
                 say("[%s]" % note)
             del notes[:]
+            for note in progress.lines(session.brain.progress, session.trainer.step) if progress else ():
+                say(note)
             reader.ready()
     finally:
         if task is not None:
@@ -3535,7 +3789,7 @@ def train_first_tokenizer(tok, cfg, train_lines):
     return tok
 
 
-def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print):
+def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_progress=False):
     lines = read_corpus_file(path)
     brain = Brain.load_or_fresh(ckpt_path, cfg, seed)
     train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
@@ -3546,12 +3800,15 @@ def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print):
     for line in train:
         field.add(brain.tok.encode(line))
     pairs, n_bytes = [], 0
-    for text in lines:
+    meter = Meter("eval", len(lines), show_progress)
+    for done, text in enumerate(lines):
+        meter.update(done)
         ids = brain.tok.encode(text) + [EOS]
         pm = target_probs(brain.model, heldout_windows([EOS] + ids, cfg.block_size))
         pf = [field.prob(ids[:i], t) for i, t in enumerate(ids)]
         pairs.extend(zip(pm, pf))
         n_bytes += len(text_to_bytes(text)) + 1                # + 1 for the line end
+    meter.finish()
     lam = brain.progress.lam
     result = {name: round(bits_per_byte(mix_nll(pairs, weight), n_bytes), 4)
               for name, weight in (("network", 1.0), ("field", 0.0), ("mix", lam))}
@@ -3658,12 +3915,15 @@ def bench_tokenizer(lines, num_merges):
             "tokens_per_byte": round(n_tokens / n_bytes, 4)}
 
 
-def run_bench(cfg, corpus_path=None, out=print):
+def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
     t0 = time.perf_counter()
+    meter = Meter("bench", 3 if corpus_path else 2, show_progress)      # on the quiet phases only
+    meter.update(0)
     result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
               "kernel": "math.dist" if _dist is not None else "sum(map(mul))",
               "gen_kernel": "float" if cfg.exact_generation else "64-bit fixed point"}
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
+    meter.finish()                                            # bench_model prints a line per step itself
     result.update(bench_model(cfg, out=out))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
     n = result["train_workers"] = worker_count(cfg)
@@ -3671,7 +3931,9 @@ def run_bench(cfg, corpus_path=None, out=print):
     result["train_tokens_per_s_all"] = (bench_workers(cfg, n, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
                                         if n > 1 else result["train_tokens_per_s_1"])
     if corpus_path:
+        meter.update(2)
         result.update(bench_tokenizer(read_corpus_file(corpus_path), cfg.bpe_num_merges))
+    meter.finish()
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
     out("python %s | kernel %s, generation %s | %d params"
         % (result["python"], result["kernel"], result["gen_kernel"], result["params"]))
@@ -3732,18 +3994,22 @@ def build_parser():
     p.add_argument("--eval", metavar="FILE", help="held-out bits per byte of network, field and mix on FILE")
     p.add_argument("--tokenize", metavar="TEXT", help="show how TEXT is split into tokens")
     p.add_argument("--prompt", metavar="TEXT", help="answer TEXT once and exit")
+    p.add_argument("--growth", action="store_true", help="draw the growth log of the database (--db) and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress notes in the chat or on stderr")
     p.add_argument("--version", action="version", version="macrogpt " + VERSION)
     return p
 
 
 def run(args):
+    if args.growth:
+        return print_growth(args.db)
     cfg = load_config(args.config)
     corpus = args.corpus or default_corpus_path()
     if args.bench:
-        run_bench(cfg, corpus)
+        run_bench(cfg, corpus, show_progress=not args.quiet)
         return 0
     if args.eval:
-        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed)
+        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, show_progress=not args.quiet)
         return 0
     if args.tokenize is not None:
         say(format_tokenization(_tokenizer_for(cfg, corpus, args.ckpt, args.seed), args.tokenize))
@@ -3768,12 +4034,25 @@ def run(args):
     try:
         session = Session(cfg, corpus, args.db, args.ckpt, args.seed, workers)
         try:
-            asyncio.run(chat(session, interactive, train))
+            notes = TrainingNotes(session.cfg, session.brain.progress) if interactive and train and not args.quiet else None
+            asyncio.run(chat(session, interactive, train, notes))
         finally:
             session.close()
     finally:
         if workers is not None:
             workers.close()
+    return 0
+
+
+def print_growth(db_path):
+    """--growth: draw the growth log without training or chatting (opening may upgrade its schema)."""
+    if not os.path.exists(db_path):
+        raise MacroError("no database %s here yet: chat first (python3 macrogpt.py), or pass --db" % db_path)
+    memory = Memory(db_path)
+    try:
+        say(growth_chart(memory.growth_rows()))
+    finally:
+        memory.close()
     return 0
 
 

@@ -17,7 +17,7 @@ SCRIPT = os.path.join(ROOT, "macrogpt.py")
 TINY = dict(n_layer=1, n_embd=8, n_head=2, block_size=24, seq_len=12, batch_size=2, warmup_steps=16,
             micro_steps=3, lr_warmup_steps=2, lr_decay_steps=100, enable_bpe_after_chars=200,
             bpe_num_merges=20, field_order=3, heldout_every=5, checkpoint_every_seconds=0.0,
-            max_gen_tokens=30)
+            max_gen_tokens=30, idle_training=False)
 
 
 class CliTest(unittest.TestCase):
