@@ -3079,12 +3079,12 @@ def hf_token_strings(tok):
     return out
 
 
-def hf_tokenizer_json(tok, regex=None):
+def hf_tokenizer_json(tok):
     """The `tokenizers` JSON of macrogpt's tokenizer (the file transformers reads as tokenizer.json)."""
     strings = hf_token_strings(tok)
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for i, s in HF_SPECIALS]
-    split = {"type": "Split", "pattern": {"Regex": regex or hf_piece_regex()},
+    split = {"type": "Split", "pattern": {"Regex": hf_piece_regex()},
              "behavior": "Isolated", "invert": False}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -3361,14 +3361,17 @@ def check_hf_config(hf, cfg, path):
     if hf.get("architectures") != ["LlamaForCausalLM"] or hf.get("model_type", "llama") != "llama":
         raise HFError("%s is a %s model; macrogpt imports LlamaForCausalLM only"
                       % (path, "/".join(map(str, hf.get("architectures") or ["unknown"]))))
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        if not _is_kind(hf.get(key), "int") or hf[key] <= 0:
+            raise HFError("%s: config.json has %s = %r; a positive integer is needed" % (path, key, hf.get(key)))
     heads = hf.get("num_attention_heads")
     fixed = (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
              ("num_key_value_heads", heads), ("rms_norm_eps", HF_RMS_EPS),
-             ("intermediate_size", 4 * (hf.get("hidden_size") or 0)))
+             ("intermediate_size", 4 * hf["hidden_size"]))
     for key, want in fixed:
         if hf.get(key, want) != want:
             raise HFError("%s has %s = %r; macrogpt's network needs %r" % (path, key, hf.get(key), want))
-    if heads and hf.get("head_dim", hf.get("hidden_size", 0) // heads) * heads != hf.get("hidden_size"):
+    if (hf.get("head_dim") or hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
         raise HFError("%s has head_dim %r; macrogpt needs hidden_size / num_attention_heads" % (path, hf.get("head_dim")))
     shapes = (("num_hidden_layers", "n_layer"), ("hidden_size", "n_embd"), ("num_attention_heads", "n_head"),
               ("max_position_embeddings", "block_size"))
@@ -3390,13 +3393,14 @@ def _merge_pair_strings(entry):
     return parts
 
 
-def _splits_like_piece_re(regex):
+def _splits_like_piece_re(pattern):
     """Whether an exported split pattern behaves as PIECE_RE on a probe of many scripts.
 
     Compared by behavior, not text: the ranges of a pattern written by a Python with other
     Unicode tables differ only in characters assigned since, and macrogpt reads those with
     its own PIECE_RE anyway.
     """
+    regex = pattern.get("Regex") if isinstance(pattern, dict) else None
     if not isinstance(regex, str):
         return False
     as_python = re.sub(r"\\x\{([0-9A-F]{1,6})\}", lambda m: "\\U%08X" % int(m.group(1), 16), regex)
@@ -3408,17 +3412,21 @@ def _splits_like_piece_re(regex):
 
 def tokenizer_from_hf(tj, path):
     """tokenizer.json -> Tokenizer, if it is macrogpt's layout: bytes, BOS/EOS/PAD, merges in id order."""
-    model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    model, pre = tj.get("model"), tj.get("pre_tokenizer")
+    if not isinstance(model, dict) or not isinstance(pre, dict):
+        raise HFError("%s has no BPE model or pre-tokenizer" % path)
     options = {"type": "BPE", "byte_fallback": False, "continuing_subword_prefix": None,
                "end_of_word_suffix": None, "dropout": None}
     if any(model.get(k, v if k != "type" else None) != v for k, v in options.items()) or model.get("ignore_merges"):
         raise HFError("%s is not a plain byte-level BPE; macrogpt imports its own tokenizer layout only" % path)
     steps = pre.get("pretokenizers") or []
+    if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
+        steps = []
     if (tj.get("normalizer") is not None or pre.get("type") != "Sequence" or len(steps) != 2
             or steps[0].get("type") != "Split" or steps[0].get("behavior") != "Isolated"
             or steps[1].get("type") != "ByteLevel" or steps[1].get("add_prefix_space") or steps[1].get("use_regex")):
         raise HFError("%s pre-tokenizes differently from macrogpt (a normalizer, or not Split + ByteLevel)" % path)
-    if not _splits_like_piece_re((steps[0].get("pattern") or {}).get("Regex")):
+    if not _splits_like_piece_re(steps[0].get("pattern")):
         raise HFError("%s splits text into pieces differently from macrogpt" % path)
     vocab, merges = model.get("vocab"), model.get("merges")
     if not isinstance(vocab, dict) or not isinstance(merges, list):
@@ -3482,6 +3490,8 @@ def _fill_model(model, tensors, tied_hf, where):
         for ours, hf_name in HF_LINEAR_NAMES:
             getattr(blk, ours).weight.data = _take(tensors, pre + hf_name + ".weight", shapes[ours], where)
     model.lnf.data = _take(tensors, "model.norm.weight", [C], where)
+    if tied_hf:
+        tensors.pop("lm_head.weight", None)        # transformers ignores it too: the head is embed_tokens
     head = _take(tensors, "lm_head.weight", [V, C], where) if "lm_head.weight" in tensors else None
     if head is None and not tied_hf:
         raise HFError("%s is untied but has no lm_head.weight" % where)
@@ -3512,10 +3522,10 @@ def brain_from_hf(hf_dir, cfg, seed=0):
     model = GPT(cfg, tok.vocab_size, seed, init=False)
     _fill_model(model, read_hf_weights(hf_dir), hf.get("tie_word_embeddings", True), hf_dir)
     meta = hf.get("macrogpt") if isinstance(hf.get("macrogpt"), dict) else {}
-    step = meta.get("step") if _is_kind(meta.get("step"), "int") else cfg.warmup_steps
+    step = meta["step"] if _is_kind(meta.get("step"), "int") and meta["step"] >= 0 else cfg.warmup_steps
     progress = Brain.new_progress()
     progress["warmup_done"] = True
-    if _is_kind(meta.get("bpe_chars"), "int"):
+    if _is_kind(meta.get("bpe_chars"), "int") and meta["bpe_chars"] >= 0:
         progress["bpe_chars"] = meta["bpe_chars"]
     if cfg.freeze_base_after_warmup:
         model.freeze_base()
@@ -3536,6 +3546,8 @@ def import_hf(hf_dir, ckpt, cfg, force=False, seed=0):
 
 def run_hf(args, cfg):
     """--export DIR or --import DIR: one line of what was done."""
+    if args.export is not None and args.import_dir is not None:
+        raise HFError("--export and --import go one at a time")
     if args.export is not None:
         if not os.path.exists(args.ckpt):
             raise HFError("no checkpoint %s to export (chat first, or name one with --ckpt)" % args.ckpt)

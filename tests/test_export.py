@@ -244,6 +244,37 @@ class ExportTest(unittest.TestCase):
             json.dump(good, f)
         self.assertEqual(M.brain_from_hf(folder, cfg).tok.vocab_size, tj["model"]["vocab"].__len__())
 
+    def test_malformed_files_are_refused_in_one_line(self):
+        cfg = tiny_trainer_config(tie_embeddings=False)
+        folder = self.export(brain_with_deltas(cfg))
+        originals = {}
+        for name in ("config.json", "tokenizer.json"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                originals[name] = f.read()
+        edits = [("config.json", lambda c: c.update(hidden_size="big")),
+                 ("config.json", lambda c: c.update(head_dim=None, num_attention_heads=0)),
+                 ("config.json", lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0})),
+                 ("config.json", lambda c: c.update(rms_norm_eps=1e-5)),
+                 ("config.json", lambda c: c.update(intermediate_size=10)),
+                 ("config.json", lambda c: c.update(vocab_size=c["vocab_size"] + 64)),
+                 ("config.json", lambda c: c.clear()),
+                 ("tokenizer.json", lambda t: t.update(model="BPE")),
+                 ("tokenizer.json", lambda t: t.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [1, 2]})),
+                 ("tokenizer.json", lambda t: t["model"].update(merges=[[1, 2]])),
+                 ("tokenizer.json", lambda t: t["model"].update(byte_fallback=True)),
+                 ("tokenizer.json", lambda t: t.update(normalizer={"type": "NFC"})),
+                 ("tokenizer.json", lambda t: t["model"]["vocab"].update({"extra": 9999}))]
+        for name, change in edits:
+            obj = json.loads(originals[name])
+            change(obj)
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f)
+            with self.assertRaises(M.HFError, msg=name):
+                M.brain_from_hf(folder, cfg)
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                f.write(originals[name])
+        M.brain_from_hf(folder, cfg)
+
     # -- a partial export never looks complete ------------------------------------------------
     def test_interrupted_export_leaves_nothing_that_looks_complete(self):
         cfg = tiny_trainer_config()
