@@ -3000,6 +3000,7 @@ HF_RMS_EPS = 1e-6                         # the eps of rmsnorm and _rmsnorm_row
 HF_EXPORT_FORMAT = 1                      # version of the "macrogpt" block in config.json
 HF_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}     # safetensors dtype -> bytes per value
 HF_MAX_HEADER = 100 * 1024 * 1024         # safetensors' own limit on the JSON header
+HF_ADAPTER_DIR = "adapter"                # where --export-lora puts the PEFT adapter inside DIR
 HF_PROBE = ("".join(map(chr, range(0x20, 0x7F))) + " \t\n\x1c\xa0\u3000  x \u00e9e\u0301 \u00b2\u00bd\u2160 "
             "\u4e16\u754c\u3002 \u043c\u0438\u0440 \u0645\u0631\u062d\u0628\u0627 \u0663\u0664 \U0001F642\U0001F642 a_b1")
 _HF_REGEX = []                            # hf_piece_regex(), once computed
@@ -3096,8 +3097,20 @@ def hf_tokenizer_json(tok):
             "post_processor": None, "decoder": dict(byte_level), "model": model}
 
 
-def hf_tensors(model):
-    """[(Llama tensor name, shape, rows)], deltas merged; lm_head only when it differs from wte."""
+def hf_linears(model):
+    """[(Llama module path, Linear)] for every linear that carries deltas."""
+    out = []
+    for i, blk in enumerate(model.blocks):
+        out.extend(("model.layers.%d.%s" % (i, hf), getattr(blk, ours)) for ours, hf in HF_LINEAR_NAMES)
+    return out + [("lm_head", model.lm_head)]
+
+
+def hf_tensors(model, merge=True):
+    """[(Llama tensor name, shape, rows)], deltas merged unless merge is False (the LoRA's base).
+
+    lm_head is written when it differs from wte, which a tied head does once its deltas are
+    merged in, and always for a LoRA base.
+    """
     def matrix(name, rows):
         return name, [len(rows), len(rows[0])], rows
 
@@ -3107,13 +3120,42 @@ def hf_tensors(model):
     for i, blk in enumerate(model.blocks):
         pre = "model.layers.%d." % i
         out.append(vector(pre + "input_layernorm.weight", blk.ln1))
-        out.extend(matrix(pre + hf + ".weight", getattr(blk, ours).effective()) for ours, hf in HF_LINEAR_NAMES)
+        out.extend(matrix(pre + hf + ".weight", _weight_of(getattr(blk, ours), merge)) for ours, hf in HF_LINEAR_NAMES)
         out.append(vector(pre + "post_attention_layernorm.weight", blk.ln2))
     out.append(vector("model.norm.weight", model.lnf))
-    head = model.lm_head.effective()
-    if head != model.wte.data:
+    head = _weight_of(model.lm_head, merge)
+    if head != model.wte.data or not merge:   # a LoRA head shared with wte would merge into both
         out.append(matrix("lm_head.weight", head))
     return out
+
+
+def _weight_of(lin, merge):
+    return lin.effective() if merge else lin.weight.data
+
+
+def hf_lora_tensors(model):
+    """[(PEFT tensor name, shape, rows)]: each linear's k deltas stacked into one LoRA of rank k*r.
+
+    PEFT computes W x + (alpha / r) B (A x) with lora_A (r, in) and lora_B (out, r); with
+    lora_alpha = r that is our sum alpha_k A_k (B_k x), our B's stacked into lora_A and each
+    alpha_k A_k side by side in lora_B.
+    """
+    out = []
+    for path, lin in hf_linears(model):
+        lora_a = [row for d in lin.deltas for row in d.B.data]
+        lora_b = [[d.alpha * v for d in lin.deltas for v in d.A.data[i]] for i in range(len(lin.weight.data))]
+        pre = "base_model.model." + path
+        out.append((pre + ".lora_A.weight", [len(lora_a), len(lora_a[0])], lora_a))
+        out.append((pre + ".lora_B.weight", [len(lora_b), len(lora_b[0])], lora_b))
+    return out
+
+
+def hf_lora_config(model, base_path):
+    rank = model.n_deltas * model.cfg.delta_rank
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+            "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+            "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+            "target_modules": sorted({path.rsplit(".", 1)[-1] for path, _ in hf_linears(model)})}
 
 
 def hf_config(model, tied, progress, step):
@@ -3256,6 +3298,14 @@ def _json_file(path, obj):
         f.write("\n")
 
 
+def _is_export_file(path):
+    """A file an export writes, or the adapter folder of --export-lora holding only such files."""
+    if os.path.basename(path) == HF_ADAPTER_DIR and os.path.isdir(path) and not os.path.islink(path):
+        return all(_is_export_file(os.path.join(path, e)) and not os.path.isdir(os.path.join(path, e))
+                   for e in os.listdir(path))
+    return path.endswith((".json", ".safetensors")) and os.path.isfile(path)
+
+
 def _check_export_target(out_dir, force):
     """Refuse a DIR that holds anything, unless --force and it holds only an earlier export's files."""
     if not os.path.lexists(out_dir):
@@ -3265,17 +3315,20 @@ def _check_export_target(out_dir, force):
     entries = os.listdir(out_dir)
     if entries and not force:
         raise HFError("%s is not empty; pass --force to replace it" % out_dir)
-    foreign = [e for e in entries if not e.endswith((".json", ".safetensors"))
-               or not os.path.isfile(os.path.join(out_dir, e))]
+    foreign = [e for e in entries if not _is_export_file(os.path.join(out_dir, e))]
     if foreign:
         raise HFError("%s holds %s, which no export writes; --force only replaces an earlier export"
                       % (out_dir, sorted(foreign)[0]))
 
 
-def write_hf_dir(folder, brain):
-    """Every file of the export into an existing empty folder."""
+def write_hf_dir(folder, brain, lora_base=None):
+    """Every file of the export into an existing empty folder.
+
+    With lora_base (the final path of the folder), the weights are the base alone and the
+    deltas go to folder/adapter as a PEFT LoRA adapter whose base is that path.
+    """
     model, cfg = brain.model, brain.model.cfg
-    tensors = hf_tensors(model)
+    tensors = hf_tensors(model, merge=lora_base is None)
     tied = all(t[0] != "lm_head.weight" for t in tensors)
     tokenizer = hf_tokenizer_json(brain.tok)
     tok_config, specials = hf_tokenizer_files(cfg)
@@ -3285,25 +3338,33 @@ def write_hf_dir(folder, brain):
     _json_file(os.path.join(folder, "tokenizer_config.json"), tok_config)
     _json_file(os.path.join(folder, "special_tokens_map.json"), specials)
     write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    if lora_base is not None:
+        adapter = os.path.join(folder, HF_ADAPTER_DIR)
+        os.mkdir(adapter)
+        _json_file(os.path.join(adapter, "adapter_config.json"), hf_lora_config(model, lora_base))
+        write_safetensors(os.path.join(adapter, "adapter_model.safetensors"), hf_lora_tensors(model))
     return tensors
 
 
-def export_hf(brain, out_dir, force=False):
+def export_hf(brain, out_dir, force=False, lora=False):
     """Write the brain as a Hugging Face Llama directory -> [(name, shape, rows)] written.
 
+    lora: the base unmerged, and the deltas as a PEFT adapter in DIR/adapter.
     DIR appears only once it is complete.
     The files go into a hidden folder beside DIR that is renamed into place at the end, so
     an interrupted export leaves DIR as it was (or absent) and never half written.
     """
     out_dir = os.path.normpath(out_dir)
     _check_export_target(out_dir, force)
+    if lora and not brain.model.n_deltas:
+        raise HFError("the checkpoint has no delta adapters yet; --export writes the whole model")
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".export-", dir=parent)
     except OSError as e:
         raise HFError("cannot write to %s: %s" % (parent, e.strerror or e))
     try:
-        tensors = write_hf_dir(tmp, brain)
+        tensors = write_hf_dir(tmp, brain, os.path.abspath(out_dir) if lora else None)
         _swap_in(tmp, out_dir)
         return tensors
     except OSError as e:
@@ -3546,18 +3607,22 @@ def import_hf(hf_dir, ckpt, cfg, force=False, seed=0):
 
 def run_hf(args, cfg):
     """--export DIR or --import DIR: one line of what was done."""
-    if args.export is not None and args.import_dir is not None:
-        raise HFError("--export and --import go one at a time")
-    if args.export is not None:
+    chosen = [a for a in (args.export, args.export_lora, args.import_dir) if a is not None]
+    if len(chosen) > 1:
+        raise HFError("--export, --export-lora and --import go one at a time")
+    if args.import_dir is None:
+        out_dir, lora = (args.export, False) if args.export is not None else (args.export_lora, True)
         if not os.path.exists(args.ckpt):
             raise HFError("no checkpoint %s to export (chat first, or name one with --ckpt)" % args.ckpt)
         brain = Brain.load(args.ckpt, cfg, args.seed)
-        tensors = export_hf(brain, args.export, args.force)
+        tensors = export_hf(brain, out_dir, args.force, lora)
         tied = all(name != "lm_head.weight" for name, _, _ in tensors)
         n_params = sum(len(rows) * len(rows[0]) for _, _, rows in tensors)
-        say("exported %s to %s: %d tensors, %d parameters (deltas merged), vocab %d, %s embeddings"
-            % (args.ckpt, args.export, len(tensors), n_params, brain.model.vocab_size,
-               "tied" if tied else "untied (the head's deltas moved it away from wte)"))
+        say("exported %s to %s: %d tensors, %d parameters (%s), vocab %d, %s embeddings"
+            % (args.ckpt, out_dir, len(tensors), n_params,
+               "base; deltas as a rank-%d LoRA in %s" % (brain.model.n_deltas * cfg.delta_rank, HF_ADAPTER_DIR)
+               if lora else "deltas merged", brain.model.vocab_size,
+               "tied" if tied else "untied"))
         return 0
     brain = import_hf(args.import_dir, args.ckpt, cfg, args.force, args.seed)
     say("imported %s into %s: vocab %d, %d layers; warmup done%s"
@@ -3710,6 +3775,8 @@ def build_parser():
     p.add_argument("--tokenize", metavar="TEXT", help="show how TEXT is split into tokens")
     p.add_argument("--prompt", metavar="TEXT", help="answer TEXT once and exit")
     p.add_argument("--export", metavar="DIR", help="write the checkpoint as a Hugging Face Llama directory")
+    p.add_argument("--export-lora", metavar="DIR",
+                   help="like --export, but the deltas as a PEFT LoRA adapter in DIR/adapter, unmerged")
     p.add_argument("--import", "--from-hf", dest="import_dir", metavar="DIR",
                    help="make the checkpoint from a Hugging Face Llama directory (as --export writes)")
     p.add_argument("--force", action="store_true", help="let --export replace DIR, --import replace --ckpt")
@@ -3726,7 +3793,7 @@ def run(args):
     if args.eval:
         evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed)
         return 0
-    if args.export is not None or args.import_dir is not None:
+    if args.export is not None or args.export_lora is not None or args.import_dir is not None:
         return run_hf(args, cfg)
     if args.tokenize is not None:
         say(format_tokenization(_tokenizer_for(cfg, corpus, args.ckpt, args.seed), args.tokenize))

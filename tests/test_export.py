@@ -181,6 +181,38 @@ class ExportTest(unittest.TestCase):
             with self.assertRaises(M.HFError):
                 M.read_safetensors(path)
 
+    def test_lora_export_keeps_deltas_apart_and_adds_up(self):
+        cfg = tiny_trainer_config()
+        brain = brain_with_deltas(cfg)
+        folder = self.path("lora")
+        M.export_hf(brain, folder, lora=True)
+        with open(os.path.join(folder, "adapter", "adapter_config.json")) as f:
+            adapter = json.load(f)
+        rank = 2 * cfg.delta_rank
+        self.assertEqual((adapter["peft_type"], adapter["r"], adapter["lora_alpha"]), ("LORA", rank, rank))
+        self.assertEqual(adapter["base_model_name_or_path"], os.path.abspath(folder))
+        base = M.read_safetensors(os.path.join(folder, "model.safetensors"))
+        lora = M.read_safetensors(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+        self.assertEqual(len(lora), 2 * (7 * cfg.n_layer + 1))
+        blk = brain.model.blocks[0]
+        for path, lin in (("model.layers.0.mlp.down_proj", blk.fc2), ("model.layers.0.self_attn.q_proj", blk.wq),
+                          ("lm_head", brain.model.lm_head)):
+            (out_dim, in_dim), w = base[path + ".weight"]
+            a_shape, a = lora["base_model.model." + path + ".lora_A.weight"]
+            b_shape, b = lora["base_model.model." + path + ".lora_B.weight"]
+            self.assertEqual((a_shape, b_shape), ([rank, in_dim], [out_dim, rank]))
+            want = lin.effective()
+            for i in range(out_dim):
+                for j in range(in_dim):
+                    got = w[i * in_dim + j] + sum(b[i * rank + k] * a[k * in_dim + j] for k in range(rank))
+                    self.assertAlmostEqual(got, want[i][j], delta=1e-6)
+        self.assertEqual(base["lm_head.weight"][1], [v for r in brain.model.wte.data
+                                                     for v in struct.unpack("<%df" % len(r), struct.pack("<%df" % len(r), *r))])
+        M.export_hf(brain, folder, force=True, lora=True)              # an earlier LoRA export is replaceable
+        fresh = M.Brain(M.GPT(cfg, brain.tok.vocab_size), M.Adam(cfg), 0, brain.tok, M.Brain.new_progress())
+        with self.assertRaisesRegex(M.HFError, "no delta adapters"):
+            M.export_hf(fresh, self.path("none"), lora=True)
+
     # -- tokenizer ---------------------------------------------------------------------------
     def test_tokenizer_json_is_well_formed(self):
         brain = brain_with_deltas(tiny_trainer_config())
@@ -348,6 +380,10 @@ class ExportCliTest(unittest.TestCase):
         back = M.Brain.load(self.path("back.ckpt"), self.cfg)
         self.assertLess(max_logit_gap(self.brain.model, back.model, [[1, 2, self.brain.tok.vocab_size - 1, 4]]), 1e-6)
         self.assertRefused("exists; pass --force", "--import", "hf", "--ckpt", "back.ckpt")
+        code, out, err = self.run_cli("--export-lora", "lora")
+        self.assertEqual(code, 0, err)
+        self.assertIn("rank-8 LoRA in adapter", out)
+        self.assertRefused("one at a time", "--export", "a", "--import", "hf")
 
         shutil.copy(self.path("hf", "config.json"), self.path("good.json"))
         self.edit_json("config.json", lambda c: c.update(architectures=["MistralForCausalLM"]))

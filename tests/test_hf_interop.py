@@ -97,6 +97,23 @@ class TransformersInteropTest(unittest.TestCase):
             self.assertIsNone(first_difference, "glue %r" % glue)
             self.assertEqual(len(got), len(want), repr(glue))
 
+    def test_peft_lora_adapter_equals_macrogpt_before_and_after_merging(self):
+        try:
+            import peft
+        except ImportError as e:
+            self.skipTest("needs peft for --export-lora (%s)" % e)
+        folder = os.path.join(self.dir, "lora")
+        M.export_hf(self.brain, folder, lora=True)
+        model = peft.PeftModel.from_pretrained(self.hf_model(folder), os.path.join(folder, "adapter")).eval()
+        for seq in self.sequences():
+            ours = self.brain.model.forward([seq]).data
+            self.assertLess(gap(self.hf_logits(model, seq), ours), 1e-4, seq)
+            with model.disable_adapter():
+                self.assertGreater(gap(self.hf_logits(model, seq), ours), 1e-3)      # the adapter matters
+        merged = model.merge_and_unload()
+        for seq in self.sequences():
+            self.assertLess(gap(self.hf_logits(merged, seq), self.brain.model.forward([seq]).data), 1e-4)
+
     def test_a_pytorch_step_comes_home(self):
         model = self.hf_model(self.folder)
         model.train()
