@@ -36,7 +36,6 @@ import signal
 import sqlite3
 import struct
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -3358,11 +3357,7 @@ def export_hf(brain, out_dir, force=False, lora=False):
     _check_export_target(out_dir, force)
     if lora and not brain.model.n_deltas:
         raise HFError("the checkpoint has no delta adapters yet; --export writes the whole model")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    try:
-        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".export-", dir=parent)
-    except OSError as e:
-        raise HFError("cannot write to %s: %s" % (parent, e.strerror or e))
+    tmp = _fresh_folder(out_dir)
     try:
         tensors = write_hf_dir(tmp, brain, os.path.abspath(out_dir) if lora else None)
         _swap_in(tmp, out_dir)
@@ -3372,6 +3367,21 @@ def export_hf(brain, out_dir, force=False, lora=False):
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fresh_folder(out_dir):
+    """A new hidden folder beside out_dir, made with the user's umask (mkdtemp's is 0700)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    for n in range(1000):
+        tmp = os.path.join(parent, ".%s.export-%d-%d" % (os.path.basename(out_dir), os.getpid(), n))
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise HFError("cannot write to %s: %s" % (parent, e.strerror or e))
+    raise HFError("cannot make a temporary folder in %s" % parent)
 
 
 def _swap_in(tmp, out_dir):
