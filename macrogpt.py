@@ -3481,8 +3481,8 @@ def _splits_like_piece_re(pattern):
         return False
 
 
-def tokenizer_from_hf(tj, path):
-    """tokenizer.json -> Tokenizer, if it is macrogpt's layout: bytes, BOS/EOS/PAD, merges in id order."""
+def _check_tokenizer_pipeline(tj, path):
+    """Refuse a tokenizer.json whose steps around the BPE differ from an export's -> its model dict."""
     model, pre = tj.get("model"), tj.get("pre_tokenizer")
     if not isinstance(model, dict) or not isinstance(pre, dict):
         raise HFError("%s has no BPE model or pre-tokenizer" % path)
@@ -3499,6 +3499,12 @@ def tokenizer_from_hf(tj, path):
         raise HFError("%s pre-tokenizes differently from macrogpt (a normalizer, or not Split + ByteLevel)" % path)
     if not _splits_like_piece_re(steps[0].get("pattern")):
         raise HFError("%s splits text into pieces differently from macrogpt" % path)
+    return model
+
+
+def tokenizer_from_hf(tj, path):
+    """tokenizer.json -> Tokenizer, if it is macrogpt's layout: bytes, BOS/EOS/PAD, merges in id order."""
+    model = _check_tokenizer_pipeline(tj, path)
     vocab, merges = model.get("vocab"), model.get("merges")
     if not isinstance(vocab, dict) or not isinstance(merges, list):
         raise HFError("%s has no BPE vocab and merges" % path)
