@@ -43,6 +43,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import struct
 import textwrap
 import threading
 import time
@@ -3155,6 +3156,8 @@ class Trainer:
             return True
         if not self.brain.progress.warmup_done:
             await self.warmup()
+        elif self.brain.progress.best_nll is None:            # imported, or from an older checkpoint
+            await self.measure("measured")
         elif self.burst_due():
             await self.burst()
         elif self.cfg.idle_training and self.now() >= self.idle_after:
@@ -3821,6 +3824,672 @@ def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_pro
 
 
 # ======================================================================================
+# Export: the Hugging Face Llama format, written and read with the standard library alone.
+# ======================================================================================
+# The network is a Llama in miniature (RMSNorm, rotate-half RoPE, SwiGLU, no biases), so the
+# weights map one to one onto transformers' LlamaForCausalLM: q/k need no permutation, since
+# macrogpt rotates the pairs (x[i], x[i + half]) with freqs base^(-2i/head_dim), as Llama does.
+# Deltas are merged into their weights (W + sum alpha A B). A tied lm_head whose deltas moved
+# it away from wte is exported untied, since Llama cannot tie a head that differs.
+#
+# The tokenizer becomes a `tokenizers` BPE over the GPT-2 byte alphabet (each byte shown as
+# one printable character). PIECE_RE is rewritten with explicit code point ranges computed
+# from this Python's own `re`, so the Oniguruma regex that `tokenizers` runs splits exactly
+# as macrogpt does on every code point of this Python's Unicode version.
+
+HF_SPECIALS = ((BOS, "<BOS>"), (EOS, "<EOS>"), (PAD, "<PAD>"))
+HF_RMS_EPS = 1e-6                         # the eps of rmsnorm and _rmsnorm_row
+HF_EXPORT_FORMAT = 1                      # version of the "macrogpt" block in config.json
+HF_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}     # safetensors dtype -> bytes per value
+HF_MAX_HEADER = 100 * 1024 * 1024         # safetensors' own limit on the JSON header
+HF_ADAPTER_DIR = "adapter"                # where --export-lora puts the PEFT adapter inside DIR
+HF_PROBE = ("".join(map(chr, range(0x20, 0x7F))) + " \t\n\x1c\xa0\u3000  x \u00e9e\u0301 \u00b2\u00bd\u2160 "
+            "\u4e16\u754c\u3002 \u043c\u0438\u0440 \u0645\u0631\u062d\u0628\u0627 \u0663\u0664 \U0001F642\U0001F642 a_b1")
+_HF_REGEX = []                            # hf_piece_regex(), once computed
+HF_LINEAR_NAMES = (("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"), ("wv", "self_attn.v_proj"),
+                   ("wo", "self_attn.o_proj"), ("fc_g", "mlp.gate_proj"), ("fc_v", "mlp.up_proj"),
+                   ("fc2", "mlp.down_proj"))
+
+
+class HFError(MacroError):
+    """A Hugging Face directory that cannot be written, or holds what macrogpt cannot represent."""
+
+
+def byte_alphabet():
+    """The 256 characters that stand for bytes 0..255 in a byte-level vocabulary (GPT-2's map).
+
+    Printable Latin-1 bytes stand for themselves; the rest (controls, space, 0x7f-0xa0, 0xad)
+    take 256, 257, ... in byte order, so every token string is printable and space-free.
+    """
+    keep = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def _code_point_ranges(pattern):
+    """[(first, last)] code points a one-character Python regex matches, surrogates left out."""
+    gap = 0xE000 - 0xD800
+    text = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
+    out = []
+    for m in re.finditer("(?:%s)+" % pattern, text):
+        first, last = m.start(), m.end() - 1
+        out.append((first + gap if first >= 0xD800 else first, last + gap if last >= 0xD800 else last))
+    return out
+
+
+def _onig_class(ranges, negate=False):
+    """[(first, last)] -> an Oniguruma character class of \\x{HEX} escapes."""
+    parts = ["\\x{%X}" % a if a == b else "\\x{%X}-\\x{%X}" % (a, b) for a, b in ranges]
+    return "[%s%s]" % ("^" if negate else "", "".join(parts))
+
+
+def hf_piece_regex():
+    """PIECE_RE for `tokenizers` (Oniguruma): same alternatives, classes as explicit ranges.
+
+    Python's \\w, \\d and \\s follow its own Unicode rules (e.g. \\s holds U+001C..U+001F,
+    [^\\W\\d_] holds numerals such as U+00B2 and U+2160 but no combining marks), which
+    Oniguruma's property classes do not reproduce, so the classes are listed range by range.
+    Computed once per process (a scan of every code point, ~0.3 s).
+    """
+    if _HF_REGEX:
+        return _HF_REGEX[0]
+    letters, digits, spaces = (_code_point_ranges(p) for p in (r"[^\W\d_]", r"\d", r"\s"))
+    others = _onig_class(sorted(letters + digits + spaces), negate=True)   # [^\w\s] or "_"
+    space, not_space = _onig_class(spaces), _onig_class(spaces, negate=True)
+    _HF_REGEX.append(" ?%s+| ?%s+| ?%s+|%s+(?!%s)|%s+" % (_onig_class(letters), _onig_class(digits),
+                                                          others, space, not_space, space))
+    return _HF_REGEX[0]
+
+
+def hf_token_strings(tok):
+    """Every id's string in the byte-level vocabulary; raises HFError if two ids share bytes."""
+    alphabet = byte_alphabet()
+    names = dict(HF_SPECIALS)
+    out, seen = [], {}
+    for i in range(tok.vocab_size):
+        s = names.get(i) or "".join(alphabet[b] for b in tok.token_bytes(i))
+        if s in seen:
+            raise HFError("tokens %d and %d stand for the same bytes; the Hugging Face BPE format "
+                          "gives one id per string" % (seen[s], i))
+        seen[s] = i
+        out.append(s)
+    return out
+
+
+def hf_tokenizer_json(tok):
+    """The `tokenizers` JSON of macrogpt's tokenizer (the file transformers reads as tokenizer.json)."""
+    strings = hf_token_strings(tok)
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, s in HF_SPECIALS]
+    split = {"type": "Split", "pattern": {"Regex": hf_piece_regex()},
+             "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+             "vocab": {s: i for i, s in enumerate(strings)},
+             "merges": ["%s %s" % (strings[a], strings[b]) for a, b in tok.merges]}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
+            "post_processor": None, "decoder": dict(byte_level), "model": model}
+
+
+def hf_linears(model):
+    """[(Llama module path, Linear)] for every linear that carries deltas."""
+    out = []
+    for i, blk in enumerate(model.blocks):
+        out.extend(("model.layers.%d.%s" % (i, hf), getattr(blk, ours)) for ours, hf in HF_LINEAR_NAMES)
+    return out + [("lm_head", model.lm_head)]
+
+
+def hf_tensors(model, merge=True):
+    """[(Llama tensor name, shape, rows)], deltas merged unless merge is False (the LoRA's base).
+
+    lm_head is written when it differs from wte, which a tied head does once its deltas are
+    merged in, and always for a LoRA base.
+    """
+    def matrix(name, rows):
+        return name, [len(rows), len(rows[0])], rows
+
+    def vector(name, gain):                    # a (1, C) gain is a 1-D tensor in Llama
+        return name, [len(gain.data[0])], gain.data
+    out = [matrix("model.embed_tokens.weight", model.wte.data)]
+    for i, blk in enumerate(model.blocks):
+        pre = "model.layers.%d." % i
+        out.append(vector(pre + "input_layernorm.weight", blk.ln1))
+        out.extend(matrix(pre + hf + ".weight", _weight_of(getattr(blk, ours), merge)) for ours, hf in HF_LINEAR_NAMES)
+        out.append(vector(pre + "post_attention_layernorm.weight", blk.ln2))
+    out.append(vector("model.norm.weight", model.lnf))
+    head = _weight_of(model.lm_head, merge)
+    if head != model.wte.data or not merge:   # a LoRA head shared with wte would merge into both
+        out.append(matrix("lm_head.weight", head))
+    return out
+
+
+def _weight_of(lin, merge):
+    return lin.effective() if merge else lin.weight.data
+
+
+def hf_lora_tensors(model):
+    """[(PEFT tensor name, shape, rows)]: each linear's k deltas stacked into one LoRA of rank k*r.
+
+    PEFT computes W x + (alpha / r) B (A x) with lora_A (r, in) and lora_B (out, r); with
+    lora_alpha = r that is our sum alpha_k A_k (B_k x), our B's stacked into lora_A and each
+    alpha_k A_k side by side in lora_B.
+    """
+    out = []
+    for path, lin in hf_linears(model):
+        lora_a = [row for d in lin.deltas for row in d.B.data]
+        lora_b = [[d.alpha * v for d in lin.deltas for v in d.A.data[i]] for i in range(len(lin.weight.data))]
+        pre = "base_model.model." + path
+        out.append((pre + ".lora_A.weight", [len(lora_a), len(lora_a[0])], lora_a))
+        out.append((pre + ".lora_B.weight", [len(lora_b), len(lora_b[0])], lora_b))
+    return out
+
+
+def hf_lora_config(model, base_path):
+    rank = model.n_deltas * model.cfg.delta_rank
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+            "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+            "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+            "target_modules": sorted({path.rsplit(".", 1)[-1] for path, _ in hf_linears(model)})}
+
+
+def hf_config(model, tied, progress, step):
+    cfg = model.cfg
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": model.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": 4 * cfg.n_embd,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_head, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.block_size, "rms_norm_eps": HF_RMS_EPS,
+            "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+            "mlp_bias": False, "tie_word_embeddings": tied, "initializer_range": cfg.init_std,
+            "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "use_cache": True,
+            "torch_dtype": "float32", "dtype": "float32",
+            "macrogpt": {"format": HF_EXPORT_FORMAT, "version": VERSION, "step": step,
+                         "bpe_chars": progress.bpe_chars}}
+
+
+def hf_generation_config(cfg):
+    return {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "do_sample": True,
+            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_gen_tokens}
+
+
+def hf_tokenizer_files(cfg):
+    """tokenizer_config.json and special_tokens_map.json: ids come from tokenizer.json alone."""
+    names = {"bos_token": "<BOS>", "eos_token": "<EOS>", "pad_token": "<PAD>"}
+    config = dict(names, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,
+                  add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False)
+    return config, names
+
+
+# -- safetensors: 8-byte little-endian header length, JSON header, raw little-endian data ----
+
+def safetensors_header(tensors):
+    """[(name, shape, rows)] -> header bytes padded with spaces so the data starts 8-byte aligned."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, rows in tensors:
+        size = 4 * len(rows) * len(rows[0])
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+def write_safetensors(path, tensors):
+    header = safetensors_header(tensors)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for _, _, rows in tensors:
+            flat = array.array("f", [v for r in rows for v in r])
+            if sys.byteorder != "little":
+                flat.byteswap()
+            f.write(flat.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _decode_values(raw, dtype):
+    """Little-endian bytes of one tensor -> a list of Python floats."""
+    if dtype == "F16":
+        return list(struct.unpack("<%de" % (len(raw) // 2), raw))
+    if dtype == "BF16":                        # the top half of a float32
+        halves = array.array("H", raw)
+        if sys.byteorder != "little":
+            halves.byteswap()
+        widened = array.array("I", [h << 16 for h in halves])
+        return array.array("f", widened.tobytes()).tolist()
+    flat = array.array("f" if dtype == "F32" else "d", raw)
+    if sys.byteorder != "little":
+        flat.byteswap()
+    return flat.tolist()
+
+
+def _header_entries(path, header):
+    """Validate each tensor entry -> [(begin, end, name)] sorted by begin."""
+    out = []
+    for name, t in header.items():
+        try:
+            (a, b), dtype = t["data_offsets"], t["dtype"]
+            count = 1
+            for d in t["shape"]:
+                count *= int(d)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise HFError("%s is damaged: tensor %s has no valid dtype/shape/data_offsets" % (path, name))
+        if dtype not in HF_DTYPES:
+            raise HFError("%s: tensor %s is %s; macrogpt reads F32, F16, BF16 and F64" % (path, name, dtype))
+        if not (isinstance(a, int) and isinstance(b, int)) or b - a != count * HF_DTYPES[dtype]:
+            raise HFError("%s is damaged: tensor %s does not fit its data_offsets" % (path, name))
+        out.append((a, b, name))
+    return sorted(out)
+
+
+def _checked_header(path, data):
+    """Parse and validate a safetensors header -> (tensor entries, data start)."""
+    if len(data) < 8:
+        raise HFError("%s is not a safetensors file (too short)" % path)
+    n = struct.unpack("<Q", data[:8])[0]
+    if n > min(HF_MAX_HEADER, len(data) - 8):
+        raise HFError("%s is not a safetensors file (header length %d)" % (path, n))
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except ValueError:
+        raise HFError("%s is damaged: its header is not JSON" % path)
+    if not isinstance(header, dict):
+        raise HFError("%s is damaged: its header is not a JSON object" % path)
+    header.pop("__metadata__", None)
+    end = 0
+    for a, b, name in _header_entries(path, header):
+        if a != end:                           # the spec: no gaps, no overlaps
+            raise HFError("%s is damaged: tensor %s does not start where the previous one ends" % (path, name))
+        end = b
+    if 8 + n + end != len(data):
+        raise HFError("%s is damaged: the data is %d bytes, the header describes %d"
+                      % (path, len(data) - 8 - n, end))
+    return header, 8 + n
+
+
+def read_safetensors(path):
+    """A safetensors file -> {name: (shape, flat list of floats)}."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise HFError("cannot read %s: %s" % (path, e.strerror or e))
+    header, start = _checked_header(path, data)
+    out = {}
+    for name, t in header.items():
+        a, b = t["data_offsets"]
+        out[name] = (list(t["shape"]), _decode_values(data[start + a:start + b], t["dtype"]))
+    return out
+
+
+# -- export ----------------------------------------------------------------------------------
+
+def _json_file(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _is_export_file(path):
+    """A file an export writes, or the adapter folder of --export-lora holding only such files."""
+    if os.path.basename(path) == HF_ADAPTER_DIR and os.path.isdir(path) and not os.path.islink(path):
+        return all(_is_export_file(os.path.join(path, e)) and not os.path.isdir(os.path.join(path, e))
+                   for e in os.listdir(path))
+    return path.endswith((".json", ".safetensors")) and os.path.isfile(path)
+
+
+def _check_export_target(out_dir, force):
+    """Refuse a DIR that holds anything, unless --force and it holds only an earlier export's files."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise HFError("%s exists and is not a directory" % out_dir)
+    entries = os.listdir(out_dir)
+    if entries and not force:
+        raise HFError("%s is not empty; pass --force to replace it" % out_dir)
+    foreign = [e for e in entries if not _is_export_file(os.path.join(out_dir, e))]
+    if foreign:
+        raise HFError("%s holds %s, which no export writes; --force only replaces an earlier export"
+                      % (out_dir, sorted(foreign)[0]))
+
+
+def write_hf_dir(folder, brain, lora_base=None):
+    """Every file of the export into an existing empty folder.
+
+    With lora_base (the final path of the folder), the weights are the base alone and the
+    deltas go to folder/adapter as a PEFT LoRA adapter whose base is that path.
+    """
+    model, cfg = brain.model, brain.model.cfg
+    tensors = hf_tensors(model, merge=lora_base is None)
+    tied = all(t[0] != "lm_head.weight" for t in tensors)
+    tokenizer = hf_tokenizer_json(brain.tok)
+    tok_config, specials = hf_tokenizer_files(cfg)
+    _json_file(os.path.join(folder, "config.json"), hf_config(model, tied, brain.progress, brain.step))
+    _json_file(os.path.join(folder, "generation_config.json"), hf_generation_config(cfg))
+    _json_file(os.path.join(folder, "tokenizer.json"), tokenizer)
+    _json_file(os.path.join(folder, "tokenizer_config.json"), tok_config)
+    _json_file(os.path.join(folder, "special_tokens_map.json"), specials)
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    if lora_base is not None:
+        adapter = os.path.join(folder, HF_ADAPTER_DIR)
+        os.mkdir(adapter)
+        _json_file(os.path.join(adapter, "adapter_config.json"), hf_lora_config(model, lora_base))
+        write_safetensors(os.path.join(adapter, "adapter_model.safetensors"), hf_lora_tensors(model))
+    return tensors
+
+
+def export_hf(brain, out_dir, force=False, lora=False):
+    """Write the brain as a Hugging Face Llama directory -> [(name, shape, rows)] written.
+
+    lora: the base unmerged, and the deltas as a PEFT adapter in DIR/adapter.
+    DIR appears only once it is complete.
+    The files go into a hidden folder beside DIR that is renamed into place at the end, so
+    an interrupted export leaves DIR as it was (or absent) and never half written.
+    """
+    out_dir = os.path.normpath(out_dir)
+    _check_export_target(out_dir, force)
+    if lora and not brain.model.n_deltas:
+        raise HFError("the checkpoint has no delta adapters yet; --export writes the whole model")
+    tmp = _fresh_folder(out_dir)
+    try:
+        tensors = write_hf_dir(tmp, brain, os.path.abspath(out_dir) if lora else None)
+        _swap_in(tmp, out_dir)
+        return tensors
+    except OSError as e:
+        raise HFError("cannot write export %s: %s" % (out_dir, e.strerror or e))
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fresh_folder(out_dir):
+    """A new hidden folder beside out_dir, made with the user's umask (mkdtemp's is 0700)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    for n in range(1000):
+        tmp = os.path.join(parent, ".%s.export-%d-%d" % (os.path.basename(out_dir), os.getpid(), n))
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise HFError("cannot write to %s: %s" % (parent, e.strerror or e))
+    raise HFError("cannot make a temporary folder in %s" % parent)
+
+
+def _swap_in(tmp, out_dir):
+    """Rename the finished folder to out_dir; an earlier export there is removed only after."""
+    old = None
+    if os.path.lexists(out_dir):
+        old = tmp + ".old"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- import ----------------------------------------------------------------------------------
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise HFError("cannot read %s: %s" % (path, e.strerror or e))
+    except ValueError as e:
+        raise HFError("%s is not valid JSON: %s" % (path, e))
+    if not isinstance(obj, dict):
+        raise HFError("%s does not hold a JSON object" % path)
+    return obj
+
+
+def _hf_rope_theta(hf, path):
+    """rope_theta from either layout (transformers 4: rope_theta; 5: rope_parameters); plain RoPE only."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise HFError("%s: rope_parameters is not one plain RoPE setting" % path)
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFError("%s uses %s RoPE (partial or scaled); macrogpt has plain RoPE only" % (path, kind))
+    return params.get("rope_theta", hf.get("rope_theta", 10000.0))
+
+
+def check_hf_config(hf, cfg, path):
+    """Refuse, with one line, any config.json that macrogpt's network under cfg cannot represent."""
+    if hf.get("architectures") != ["LlamaForCausalLM"] or hf.get("model_type", "llama") != "llama":
+        raise HFError("%s is a %s model; macrogpt imports LlamaForCausalLM only"
+                      % (path, "/".join(map(str, hf.get("architectures") or ["unknown"]))))
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        if not _is_kind(hf.get(key), "int") or hf[key] <= 0:
+            raise HFError("%s: config.json has %s = %r; a positive integer is needed" % (path, key, hf.get(key)))
+    heads = hf.get("num_attention_heads")
+    fixed = (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+             ("num_key_value_heads", heads), ("rms_norm_eps", HF_RMS_EPS),
+             ("intermediate_size", 4 * hf["hidden_size"]))
+    for key, want in fixed:
+        if hf.get(key, want) != want:
+            raise HFError("%s has %s = %r; macrogpt's network needs %r" % (path, key, hf.get(key), want))
+    if (hf.get("head_dim") or hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+        raise HFError("%s has head_dim %r; macrogpt needs hidden_size / num_attention_heads" % (path, hf.get("head_dim")))
+    shapes = (("num_hidden_layers", "n_layer"), ("hidden_size", "n_embd"), ("num_attention_heads", "n_head"),
+              ("max_position_embeddings", "block_size"))
+    for key, field in shapes:
+        if hf.get(key) != getattr(cfg, field):
+            raise HFError('%s has %s %r but Config.%s is %r; put "%s": %s in a --config file'
+                          % (path, key, hf.get(key), field, getattr(cfg, field), field, json.dumps(hf.get(key))))
+    theta = _hf_rope_theta(hf, path)
+    if theta != cfg.rope_base:
+        raise HFError('%s has rope_theta %r but Config.rope_base is %r; put "rope_base": %s in a --config file'
+                      % (path, theta, cfg.rope_base, json.dumps(theta)))
+
+
+def _merge_pair_strings(entry):
+    """A merges entry, "a b" (tokenizers < 0.20) or ["a", "b"] -> (a, b)."""
+    parts = entry.split(" ") if isinstance(entry, str) else entry
+    if not isinstance(parts, list) or len(parts) != 2:
+        raise ValueError(entry)
+    return parts
+
+
+def _splits_like_piece_re(pattern):
+    """Whether an exported split pattern behaves as PIECE_RE on a probe of many scripts.
+
+    Compared by behavior, not text: the ranges of a pattern written by a Python with other
+    Unicode tables differ only in characters assigned since, and macrogpt reads those with
+    its own PIECE_RE anyway.
+    """
+    regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+    if not isinstance(regex, str):
+        return False
+    as_python = re.sub(r"\\x\{([0-9A-F]{1,6})\}", lambda m: "\\U%08X" % int(m.group(1), 16), regex)
+    try:
+        return re.findall(as_python, HF_PROBE) == split_pieces(HF_PROBE)
+    except (re.error, ValueError):                 # not a pattern Python can read: not ours
+        return False
+
+
+def _check_tokenizer_pipeline(tj, path):
+    """Refuse a tokenizer.json whose steps around the BPE differ from an export's -> its model dict."""
+    model, pre = tj.get("model"), tj.get("pre_tokenizer")
+    if not isinstance(model, dict) or not isinstance(pre, dict):
+        raise HFError("%s has no BPE model or pre-tokenizer" % path)
+    options = {"type": "BPE", "byte_fallback": False, "continuing_subword_prefix": None,
+               "end_of_word_suffix": None, "dropout": None}
+    if any(model.get(k, v if k != "type" else None) != v for k, v in options.items()) or model.get("ignore_merges"):
+        raise HFError("%s is not a plain byte-level BPE; macrogpt imports its own tokenizer layout only" % path)
+    steps = pre.get("pretokenizers") or []
+    if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
+        steps = []
+    if (tj.get("normalizer") is not None or pre.get("type") != "Sequence" or len(steps) != 2
+            or steps[0].get("type") != "Split" or steps[0].get("behavior") != "Isolated"
+            or steps[1].get("type") != "ByteLevel" or steps[1].get("add_prefix_space") or steps[1].get("use_regex")):
+        raise HFError("%s pre-tokenizes differently from macrogpt (a normalizer, or not Split + ByteLevel)" % path)
+    if not _splits_like_piece_re(steps[0].get("pattern")):
+        raise HFError("%s splits text into pieces differently from macrogpt" % path)
+    return model
+
+
+def tokenizer_from_hf(tj, path):
+    """tokenizer.json -> Tokenizer, if it is macrogpt's layout: bytes, BOS/EOS/PAD, merges in id order."""
+    model = _check_tokenizer_pipeline(tj, path)
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise HFError("%s has no BPE vocab and merges" % path)
+    expected = byte_alphabet() + [s for _, s in HF_SPECIALS]
+    if any(vocab.get(s) != i for i, s in enumerate(expected)) or len(vocab) != N_BASE_VOCAB + len(merges):
+        raise HFError("%s does not start with macrogpt's 256 bytes and <BOS>, <EOS>, <PAD>" % path)
+    pairs = []
+    try:
+        for rank, entry in enumerate(merges):
+            a, b = _merge_pair_strings(entry)
+            if vocab[a + b] != N_BASE_VOCAB + rank:
+                raise ValueError(entry)
+            pairs.append((vocab[a], vocab[b]))
+        return Tokenizer(pairs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFError("%s: merge %s does not make the next id in order, as macrogpt's merges do" % (path, e))
+
+
+def read_hf_weights(hf_dir):
+    """model.safetensors, or the shards its index names -> {name: (shape, flat floats)}."""
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.exists(single):
+        return read_safetensors(single)
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        raise HFError("%s has no model.safetensors (save with safe_serialization; .bin files are not read)" % hf_dir)
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise HFError("%s has no weight_map" % index)
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        out.update(read_safetensors(os.path.join(hf_dir, os.path.basename(str(shard)))))
+    return out
+
+
+def _take(tensors, name, shape, where):
+    """Pop one tensor of the given shape as rows ((1, n) for a 1-D gain)."""
+    if name not in tensors:
+        raise HFError("%s has no tensor %s" % (where, name))
+    got, flat = tensors.pop(name)
+    if got != shape:
+        raise HFError("%s: %s has shape %s, expected %s" % (where, name, got, shape))
+    cols = shape[-1]
+    return [flat[i:i + cols] for i in range(0, len(flat), cols)]
+
+
+def _fill_model(model, tensors, tied_hf, where):
+    """Copy Llama tensors into a fresh GPT; refuse biases, leftovers and a head Config cannot hold."""
+    bias = sorted(n for n in tensors if n.endswith(".bias"))
+    if bias:
+        raise HFError("%s has bias tensors (%s); macrogpt's layers have none" % (where, bias[0]))
+    cfg, V = model.cfg, model.vocab_size
+    C, H = cfg.n_embd, 4 * cfg.n_embd
+    model.wte.data = _take(tensors, "model.embed_tokens.weight", [V, C], where)
+    shapes = {"wq": [C, C], "wk": [C, C], "wv": [C, C], "wo": [C, C], "fc_g": [H, C], "fc_v": [H, C], "fc2": [C, H]}
+    for i, blk in enumerate(model.blocks):
+        pre = "model.layers.%d." % i
+        blk.ln1.data = _take(tensors, pre + "input_layernorm.weight", [C], where)
+        blk.ln2.data = _take(tensors, pre + "post_attention_layernorm.weight", [C], where)
+        for ours, hf_name in HF_LINEAR_NAMES:
+            getattr(blk, ours).weight.data = _take(tensors, pre + hf_name + ".weight", shapes[ours], where)
+    model.lnf.data = _take(tensors, "model.norm.weight", [C], where)
+    if tied_hf:
+        tensors.pop("lm_head.weight", None)        # transformers ignores it too: the head is embed_tokens
+    head = _take(tensors, "lm_head.weight", [V, C], where) if "lm_head.weight" in tensors else None
+    if head is None and not tied_hf:
+        raise HFError("%s is untied but has no lm_head.weight" % where)
+    if cfg.tie_embeddings and head is not None and head != model.wte.data:
+        raise HFError('%s has an lm_head that differs from its embeddings but Config.tie_embeddings is true; '
+                      'put "tie_embeddings": false in a --config file' % where)
+    if not cfg.tie_embeddings:
+        model.lm_head.weight.data = head if head is not None else [list(r) for r in model.wte.data]
+    leftover = sorted(n for n in tensors if not n.endswith("rotary_emb.inv_freq"))
+    if leftover:
+        raise HFError("%s has tensors macrogpt has no place for (%s)" % (where, leftover[0]))
+    model.touch()
+
+
+def brain_from_hf(hf_dir, cfg, seed=0):
+    """A Brain from a Hugging Face Llama directory, ready for the organism to go on living.
+
+    The model arrives merged (no deltas) and counts as warmed up: the base is frozen and one
+    empty delta appended, exactly as after warmup, so the organism continues with bursts and
+    never retrains the base it was given. lambda starts at 0 (the weights may have changed
+    elsewhere, so old evidence is void) until the first burst measures the held-out slice.
+    """
+    hf = _read_json(os.path.join(hf_dir, "config.json"))
+    check_hf_config(hf, cfg, hf_dir)
+    tok = tokenizer_from_hf(_read_json(os.path.join(hf_dir, "tokenizer.json")), hf_dir)
+    if hf.get("vocab_size") != tok.vocab_size:
+        raise HFError("%s has vocab_size %r but its tokenizer has %d ids" % (hf_dir, hf.get("vocab_size"), tok.vocab_size))
+    model = GPT(cfg, tok.vocab_size, seed, init=False)
+    _fill_model(model, read_hf_weights(hf_dir), hf.get("tie_word_embeddings", True), hf_dir)
+    meta = hf.get("macrogpt") if isinstance(hf.get("macrogpt"), dict) else {}
+    step = meta["step"] if _is_kind(meta.get("step"), "int") and meta["step"] >= 0 else cfg.warmup_steps
+    progress = Progress(warmup_done=True)
+    if _is_kind(meta.get("bpe_chars"), "int") and meta["bpe_chars"] >= 0:
+        progress.bpe_chars = meta["bpe_chars"]
+    if cfg.freeze_base_after_warmup:
+        model.freeze_base()
+        model.add_delta()
+    return Brain(model, Adam(cfg), step, tok, progress)
+
+
+def import_hf(hf_dir, ckpt, cfg, force=False, seed=0):
+    """Read a Hugging Face Llama directory into the checkpoint file ckpt -> the Brain."""
+    if os.path.exists(ckpt) and not force:
+        raise HFError("checkpoint %s exists; pass --force to replace it, or name another --ckpt" % ckpt)
+    if not os.path.isdir(hf_dir):
+        raise HFError("%s is not a directory" % hf_dir)
+    brain = brain_from_hf(hf_dir, cfg, seed)
+    brain.save(ckpt)
+    return brain
+
+
+def run_hf(args, cfg):
+    """--export DIR or --import DIR: one line of what was done."""
+    chosen = [a for a in (args.export, args.export_lora, args.import_dir) if a is not None]
+    if len(chosen) > 1:
+        raise HFError("--export, --export-lora and --import go one at a time")
+    if args.import_dir is None:
+        out_dir, lora = (args.export, False) if args.export is not None else (args.export_lora, True)
+        if not os.path.exists(args.ckpt):
+            raise HFError("no checkpoint %s to export (chat first, or name one with --ckpt)" % args.ckpt)
+        brain = Brain.load(args.ckpt, cfg, args.seed)
+        tensors = export_hf(brain, out_dir, args.force, lora)
+        tied = all(name != "lm_head.weight" for name, _, _ in tensors)
+        n_params = sum(len(rows) * len(rows[0]) for _, _, rows in tensors)
+        say("exported %s to %s: %d tensors, %d parameters (%s), vocab %d, %s embeddings"
+            % (args.ckpt, out_dir, len(tensors), n_params,
+               "base; deltas as a rank-%d LoRA in %s" % (brain.model.n_deltas * cfg.delta_rank, HF_ADAPTER_DIR)
+               if lora else "deltas merged", brain.model.vocab_size,
+               "tied" if tied else "untied"))
+        return 0
+    brain = import_hf(args.import_dir, args.ckpt, cfg, args.force, args.seed)
+    say("imported %s into %s: vocab %d, %d layers; warmup done%s"
+        % (args.import_dir, args.ckpt, brain.model.vocab_size, cfg.n_layer,
+           ", base frozen, bursts train a delta" if cfg.freeze_base_after_warmup else ""))
+    return 0
+
+
+# ======================================================================================
 # Bench: `python macrogpt.py --bench` measures training, generation and a naive reference.
 # ======================================================================================
 
@@ -3996,6 +4665,12 @@ def build_parser():
     p.add_argument("--prompt", metavar="TEXT", help="answer TEXT once and exit")
     p.add_argument("--growth", action="store_true", help="draw the growth log of the database (--db) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress notes in the chat or on stderr")
+    p.add_argument("--export", metavar="DIR", help="write the checkpoint as a Hugging Face Llama directory")
+    p.add_argument("--export-lora", metavar="DIR",
+                   help="like --export, but the deltas as a PEFT LoRA adapter in DIR/adapter, unmerged")
+    p.add_argument("--import", "--from-hf", dest="import_dir", metavar="DIR",
+                   help="make the checkpoint from a Hugging Face Llama directory (as --export writes)")
+    p.add_argument("--force", action="store_true", help="let --export replace DIR, --import replace --ckpt")
     p.add_argument("--version", action="version", version="macrogpt " + VERSION)
     return p
 
@@ -4011,6 +4686,8 @@ def run(args):
     if args.eval:
         evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, show_progress=not args.quiet)
         return 0
+    if args.export is not None or args.export_lora is not None or args.import_dir is not None:
+        return run_hf(args, cfg)
     if args.tokenize is not None:
         say(format_tokenization(_tokenizer_for(cfg, corpus, args.ckpt, args.seed), args.tokenize))
         return 0
