@@ -2849,6 +2849,9 @@ class Workers:
             return self._call([("to_bytes",)] + [None] * (self.n - 1))[0]
         return self._call([(kind,) + args] * self.n)[0]
 
+    def note(self):
+        return "workers: %d, restarted %d times (last: %s)" % (self.n, self.restarts, self.last_failure)
+
     def recover(self, fallback, reason):
         """After WorkerLost: reload every worker from a survivor's weights, else from `fallback`
         (checkpoint bytes) -> the step of the state reloaded."""
@@ -2968,8 +2971,13 @@ class Learner:
 
     # -- what the trainer awaits ---------------------------------------------------------------
     async def train(self, stream, steps, train_base, recent_from=None, seconds=None):
-        """Up to `steps` steps (or `seconds`) on windows of the stream -> JobResult."""
-        return await self._beside(self._train, stream, steps, train_base, recent_from, seconds)
+        """Up to `steps` steps (or `seconds`) on windows of the stream -> the worker failures met."""
+        result = await self._beside(self._train, stream, steps, train_base, recent_from, seconds)
+        p = self.brain.progress
+        p.loss = sum(result.losses) / max(1, len(result.losses))
+        p.tokens_per_s = result.tokens / max(1e-9, result.seconds)
+        failures, self.failures = self.failures, []
+        return failures
 
     async def score(self, windows):
         """The workers' probability of every true next token of the windows, in order."""
@@ -3013,6 +3021,14 @@ WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before
 IDLE_BACKOFF_MAX = 3600.0                 # longest pause between idle phases after rollbacks
 
 
+def growth_row(brain, step, note):
+    """A row of the growth log: sizes, training speed and the held-out figures of the brain."""
+    p, h = brain.progress, brain.progress.heldout
+    return dict(step=step, vocab=brain.model.vocab_size, params=brain.model.num_params(),
+                deltas=brain.model.n_deltas, loss=p.loss, tokens_per_s=p.tokens_per_s, note=note,
+                heldout_bpb=h and h.mix_bpb, network_bpb=h and h.model_bpb, field_bpb=h and h.field_bpb)
+
+
 class Trainer:
     def __init__(self, cfg, corpus, memory, learner, ckpt_path=None, now=time.time):
         self.cfg, self.corpus, self.memory, self.learner = cfg, corpus, memory, learner
@@ -3029,50 +3045,41 @@ class Trainer:
     def step(self):
         return self.learner.live_step
 
-    def workers_note(self):
-        """A line for /status when workers were lost and replaced, else ''."""
-        w = self.learner.workers
-        if not w.restarts:
-            return ""
-        return "workers: %d, restarted %d times (last: %s)" % (w.n, w.restarts, w.last_failure)
-
     def shutdown(self):
         self.learner.shutdown()
 
+    def health(self):
+        """A line for /status once workers were lost and replaced, else ''."""
+        return self.learner.workers.note() if self.learner.workers.restarts else ""
+
     async def job(self, steps, train_base, recent_from=None, seconds=None):
-        result = await self.learner.train(self.corpus.stream(), steps, train_base, recent_from, seconds)
-        for failure in self.learner.failures:
+        for failure in await self.learner.train(self.corpus.stream(), steps, train_base, recent_from, seconds):
             self.memory.log_event("worker", "%s; workers restarted, training goes on" % failure)
-        self.learner.failures = []
-        p = self.brain.progress
-        p.loss = sum(result.losses) / max(1, len(result.losses))
-        p.tokens_per_s = result.tokens / max(1e-9, result.seconds)
+
+    async def _evidence(self):
+        windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
+        return self.corpus.evidence(await self.learner.score(windows))
 
     async def measure(self, note):
         """The workers' state becomes the reference of the voice (lambda) and of the forget guard."""
-        windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
-        h = self.corpus.evidence(await self.learner.score(windows))
-        p = self.brain.progress
+        h, p = await self._evidence(), self.brain.progress
         p.heldout, p.lam, p.best_nll = h, h.lam, h.nll
         self.log_growth(note)
 
     async def judge(self, label):
         """Keep the workers' new state if held-out loss stays near the best accepted -> kept."""
-        windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
-        h, best = self.corpus.evidence(await self.learner.score(windows)), self.brain.progress.best_nll
+        h, best = await self._evidence(), self.brain.progress.best_nll
         change = (h.nll - best) / max(best, 1e-12) if best else 0.0
-        note = "%s: held-out loss %+.1f%% vs the best" % (label, 100 * change)
-        if change > self.cfg.forget_tolerance:
+        kept = change <= self.cfg.forget_tolerance
+        if kept:
+            await self.learner.adopt()
+            p = self.brain.progress
+            p.heldout, p.lam, p.best_nll = h, h.lam, min(best or h.nll, h.nll)
+        else:
             self.learner.changed()                     # the workers go back to the accepted brain
-            self.log_growth("rejected " + note)
-            self.save()
-            return False
-        await self.learner.adopt()
-        p = self.brain.progress
-        p.heldout, p.lam, p.best_nll = h, h.lam, min(best or h.nll, h.nll)
-        self.log_growth(note)
+        self.log_growth("%s%s: held-out loss %+.1f%% vs the best" % ("" if kept else "rejected ", label, 100 * change))
         self.save()
-        return True
+        return kept
 
     def update_tokenizer(self):
         """Retrain BPE if the corpus grew enough and grow the model's rows -> whether ids were added."""
@@ -3087,9 +3094,7 @@ class Trainer:
         return bool(added)
 
     async def grow_tokenizer(self):
-        if not self.corpus.bpe_due(self.brain.progress.bpe_chars):
-            return False
-        if self.learner.live_step != self.brain.step:
+        if self.corpus.bpe_due(self.brain.progress.bpe_chars) and self.learner.live_step != self.brain.step:
             await self.learner.adopt()                 # keep the steps the workers took
         grew = self.update_tokenizer()
         if grew and self.brain.progress.warmup_done:
@@ -3117,11 +3122,9 @@ class Trainer:
 
     def burst_due(self):
         cfg, pending = self.cfg, self.corpus.pending
-        if not self.brain.progress.warmup_done or pending.bytes == 0:
-            return False
-        if self.now() - self.last_burst < cfg.qb_cooldown_seconds:
-            return False
-        return pending.bytes >= cfg.qb_min_bytes or pending.novelty >= cfg.qb_min_novelty
+        return (self.brain.progress.warmup_done and pending.bytes > 0
+                and self.now() - self.last_burst >= cfg.qb_cooldown_seconds
+                and (pending.bytes >= cfg.qb_min_bytes or pending.novelty >= cfg.qb_min_novelty))
 
     async def burst(self):
         """Train the deltas on the new material; keep it only if the held-out slice allows."""
@@ -3181,11 +3184,7 @@ class Trainer:
             log("trainer stopped: %s (chat continues; see /status)" % e)
 
     def log_growth(self, note):
-        b, h = self.brain, self.brain.progress.heldout
-        self.memory.log_growth(step=self.learner.live_step, vocab=b.model.vocab_size, params=b.model.num_params(),
-                               deltas=b.model.n_deltas, loss=b.progress.loss, tokens_per_s=b.progress.tokens_per_s,
-                               heldout_bpb=h and h.mix_bpb, network_bpb=h and h.model_bpb,
-                               field_bpb=h and h.field_bpb, note=note)
+        self.memory.log_growth(**growth_row(self.brain, self.step, note))
 
     def save(self):
         if self.ckpt_path:
@@ -3543,8 +3542,8 @@ class Session:
         loss = "%.3f" % p.loss if p.loss is not None else "-"
         lines = ["%s | loss %s | %s tok/s | trainer: %s"
                  % (phase, loss, "%.0f" % tps if tps else "-", self.trainer.status)]
-        if self.trainer.workers_note():
-            lines.append(self.trainer.workers_note())
+        if self.trainer.health():
+            lines.append(self.trainer.health())
         h = p.heldout
         if h:
             lines.append("held-out bits/byte: network %.3f | field %.3f | mix %.3f | lambda %.2f (%d bytes)"
@@ -3785,6 +3784,16 @@ async def chat(session, interactive, train, progress=None):
 # Eval: held-out bits per byte of network, field and mix on a file, one document per line.
 # ======================================================================================
 
+def brain_for_reading(cfg, corpus_path, ckpt_path, seed=0):
+    """The checkpoint's brain, or the one a first run would start with, without writing anything."""
+    brain = Brain.load_or_fresh(ckpt_path, cfg, seed)
+    if brain.tok.vocab_size == N_BASE_VOCAB:
+        train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
+        train_first_tokenizer(brain.tok, cfg, train)
+        brain.model.grow_vocab(brain.tok.vocab_size)
+    return brain
+
+
 def train_first_tokenizer(tok, cfg, train_lines):
     """The merges a first run learns from the seed's training lines (none below the threshold)."""
     if sum(len(text_to_bytes(l)) for l in train_lines) >= cfg.enable_bpe_after_chars:
@@ -3794,11 +3803,8 @@ def train_first_tokenizer(tok, cfg, train_lines):
 
 def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_progress=False):
     lines = read_corpus_file(path)
-    brain = Brain.load_or_fresh(ckpt_path, cfg, seed)
+    brain = brain_for_reading(cfg, corpus_path, ckpt_path, seed)
     train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
-    if brain.tok.vocab_size == N_BASE_VOCAB:
-        train_first_tokenizer(brain.tok, cfg, train)           # what a first run would do
-        brain.model.grow_vocab(brain.tok.vocab_size)
     field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
     for line in train:
         field.add(brain.tok.encode(line))
@@ -4689,7 +4695,7 @@ def run(args):
     if args.export is not None or args.export_lora is not None or args.import_dir is not None:
         return run_hf(args, cfg)
     if args.tokenize is not None:
-        say(format_tokenization(_tokenizer_for(cfg, corpus, args.ckpt, args.seed), args.tokenize))
+        say(format_tokenization(brain_for_reading(cfg, corpus, args.ckpt, args.seed).tok, args.tokenize))
         return 0
     if args.prompt is not None:
         session = Session(cfg, corpus, args.db, args.ckpt, args.seed)
@@ -4731,14 +4737,6 @@ def print_growth(db_path):
     finally:
         memory.close()
     return 0
-
-
-def _tokenizer_for(cfg, corpus, ckpt, seed):
-    """The checkpoint's tokenizer, or the one a first run would train, without writing anything."""
-    if os.path.exists(ckpt):
-        return Brain.load(ckpt, cfg, seed).tok
-    train, _ = split_heldout(read_corpus_file(corpus), cfg.heldout_every)
-    return train_first_tokenizer(Tokenizer(), cfg, train)
 
 
 def main(argv=None):
