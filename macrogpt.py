@@ -3033,9 +3033,8 @@ class Trainer:
     def __init__(self, cfg, corpus, memory, learner, ckpt_path=None, now=time.time):
         self.cfg, self.corpus, self.memory, self.learner = cfg, corpus, memory, learner
         self.ckpt_path, self.now = ckpt_path, now
-        self.status = "idle"
+        self.status, self.idle_rejects = "idle", 0       # idle_rejects: idle phases rolled back in a row
         self.last_burst = self.last_save = self.idle_after = now()
-        self.idle_rejects = 0
 
     @property
     def brain(self):
@@ -3097,16 +3096,15 @@ class Trainer:
         if self.corpus.bpe_due(self.brain.progress.bpe_chars) and self.learner.live_step != self.brain.step:
             await self.learner.adopt()                 # keep the steps the workers took
         grew = self.update_tokenizer()
-        if grew and self.brain.progress.warmup_done:
+        if grew and self.brain.progress.warmup_done:          # the held-out bar must be measured again
             await self.measure("vocabulary grew to %d" % self.brain.tok.vocab_size)
         return grew
 
     async def warmup(self):
         cfg = self.cfg
         self.status = "warmup"
-        seconds = min(WARMUP_JOB_SECONDS, cfg.checkpoint_every_seconds)
-        await self.job(cfg.warmup_steps - self.learner.live_step, True, seconds=seconds)
-        done = self.learner.live_step >= cfg.warmup_steps
+        await self.job(cfg.warmup_steps - self.step, True, seconds=min(WARMUP_JOB_SECONDS, cfg.checkpoint_every_seconds))
+        done = self.step >= cfg.warmup_steps
         if not done and self.now() - self.last_save < cfg.checkpoint_every_seconds:
             return
         await self.learner.adopt()
