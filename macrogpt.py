@@ -3538,10 +3538,9 @@ class Session:
             phase = "warmup done | step %d | bursts %d | idle phases %d | %d rolled back" % (
                 step, p.bursts, p.idle_phases, self.memory.rejected_bursts())
         loss = "%.3f" % p.loss if p.loss is not None else "-"
-        lines = ["%s | loss %s | %s tok/s | trainer: %s"
-                 % (phase, loss, "%.0f" % tps if tps else "-", self.trainer.status)]
-        if self.trainer.health():
-            lines.append(self.trainer.health())
+        lines = ["%s | loss %s | %s tok/s | trainer: %s%s"
+                 % (phase, loss, "%.0f" % tps if tps else "-", self.trainer.status,
+                    " | " + self.trainer.health() if self.trainer.health() else "")]
         h = p.heldout
         if h:
             lines.append("held-out bits/byte: network %.3f | field %.3f | mix %.3f | lambda %.2f (%d bytes)"

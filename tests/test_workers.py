@@ -171,6 +171,50 @@ class OrphanTest(unittest.TestCase):
         self.assertEqual(alive, [])
 
 
+class WorkerDeathInTheProgramTest(unittest.TestCase):
+    def test_a_worker_killed_mid_warmup_is_replaced_and_status_tells(self):
+        from tests.test_cli import CliTest
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        with open(os.path.join(d, "corpus.txt"), "w") as f:
+            f.write("\n".join(synthetic_corpus()) + "\n")
+        with open(os.path.join(d, "tiny.json"), "w") as f:
+            json.dump(dict(n_layer=1, n_embd=8, n_head=2, block_size=16, seq_len=12, warmup_steps=10 ** 6,
+                           train_workers=2, enable_bpe_after_chars=200, bpe_num_merges=20,
+                           checkpoint_every_seconds=1.0), f)
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "macrogpt.py"), "--corpus", "corpus.txt",
+                                 "--config", "tiny.json"], cwd=d, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        probe = CliTest()
+        try:
+            probe.status_until(proc, r"warmup step [1-9]")
+            victims = children_of(proc.pid)
+            self.assertTrue(victims)
+            for pid in victims:                                     # the resource tracker, if any, is
+                with open("/proc/%d/cmdline" % pid, "rb") as f:     # spared: only spawned workers die
+                    if b"spawn_main" in f.read():
+                        os.kill(pid, signal.SIGKILL)
+                        break
+            m = probe.status_until(proc, r"warmup step (\d+)/\d+ .*restarted 1 times")
+            step = int(m.group(1))
+            probe.status_until(proc, r"warmup step (%s)/" % "|".join(str(step + k) for k in range(1, 500)))
+            proc.stdin.write(b"how is the sea today?\n/quit\n")
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertNotIn(b"Traceback", err)
+        self.assertTrue(out.strip())                                # the reply came
+        mem = M.Memory(os.path.join(d, "memory.sqlite3"))
+        self.addCleanup(mem.close)
+        events = mem.db.execute("SELECT detail FROM events WHERE kind = 'worker'").fetchall()
+        self.assertEqual(len(events), 1, events)
+        self.assertIn("training goes on", events[0][0])
+        self.assertIn("how is the sea today?", [t for _, t in mem.recent_messages(4)])
+
+
 class AdamPerRowTest(unittest.TestCase):
     def test_a_row_added_late_moves_like_a_fresh_parameter(self):
         cfg = M.Config(grad_clip=1e9)
