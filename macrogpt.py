@@ -2466,9 +2466,13 @@ class Corpus:
             return self.n_bytes >= self.cfg.enable_bpe_after_chars
         return self.n_bytes - done_chars >= self.cfg.bpe_retrain_every_chars
 
-    def retrain_bpe(self):
-        """Append merges learned from the training lines and re-encode -> the new ids."""
+    def update_tokenizer(self, progress):
+        """If the text grew enough since progress.bpe_chars, append merges learned from the training
+        lines and re-encode -> the new ids."""
+        if not self.bpe_due(progress.bpe_chars):
+            return []
         added = self.tok.train(self.training_lines(), self.cfg.bpe_num_merges)
+        progress.bpe_chars = self.n_bytes
         if added:
             self.reencode()
             self.memory.log_event("bpe", "added %d merges; vocab %d" % (len(added), self.tok.vocab_size))
@@ -2976,6 +2980,9 @@ class Learner:
         p = self.brain.progress
         p.loss = sum(result.losses) / max(1, len(result.losses))
         p.tokens_per_s = result.tokens / max(1e-9, result.seconds)
+        return self.take_failures()
+
+    def take_failures(self):
         failures, self.failures = self.failures, []
         return failures
 
@@ -3046,13 +3053,17 @@ class Trainer:
 
     def shutdown(self):
         self.learner.shutdown()
+        self.log_failures(self.learner.take_failures())
 
     def health(self):
         """A line for /status once workers were lost and replaced, else ''."""
         return self.learner.workers.note() if self.learner.workers.restarts else ""
 
     async def job(self, steps, train_base, recent_from=None, seconds=None):
-        for failure in await self.learner.train(self.corpus.stream(), steps, train_base, recent_from, seconds):
+        self.log_failures(await self.learner.train(self.corpus.stream(), steps, train_base, recent_from, seconds))
+
+    def log_failures(self, failures):
+        for failure in failures:
             self.memory.log_event("worker", "%s; workers restarted, training goes on" % failure)
 
     async def _evidence(self):
@@ -3082,11 +3093,7 @@ class Trainer:
 
     def update_tokenizer(self):
         """Retrain BPE if the corpus grew enough and grow the model's rows -> whether ids were added."""
-        p = self.brain.progress
-        if not self.corpus.bpe_due(p.bpe_chars):
-            return False
-        added = self.corpus.retrain_bpe()
-        p.bpe_chars = self.corpus.n_bytes
+        added = self.corpus.update_tokenizer(self.brain.progress)
         if added:
             self.brain.model.grow_vocab(self.brain.tok.vocab_size)
             self.learner.changed()
