@@ -4,9 +4,12 @@ Contract
   * `python macrogpt.py` chats in the terminal. It answers at once from the corpus field (an n-gram
     model of the living corpus), trains its network in the background, and hands the voice over to
     the network as held-out evidence says it has earned it.
-  * Learning happens in a frozen base plus appended low-rank delta adapters, so new bursts do not
-    overwrite what earlier ones learned; bursts that hurt a held-out slice are rolled back.
+  * Training runs data-parallel in worker processes, one per core, never in the chat's way.
+  * New conversation is learned in bursts by appended low-rank delta adapters over a frozen base;
+    when no burst is due, idle learning rehearses the whole living corpus. Every burst and idle
+    phase is judged on a held-out slice against the best state so far, and rolled back if worse.
   * Text is byte-level BPE whose vocabulary only grows; no trained weight is ever invalidated.
+  * The network moves to and from the Hugging Face Llama format (--export, --import).
   * Standard library only, CPython 3.7 to 3.13.
 
 Deliberately left out: GPUs, numpy, batching across users, anything that needs a network.
