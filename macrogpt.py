@@ -2923,11 +2923,13 @@ class Learner:
 
         def work():
             try:
-                result = fn(*args)
+                outcome = (True, fn(*args))
             except BaseException as e:             # handed to the awaiting task, which logs it
-                loop.call_soon_threadsafe(settle, False, e)
-            else:
-                loop.call_soon_threadsafe(settle, True, result)
+                outcome = (False, e)
+            try:
+                loop.call_soon_threadsafe(settle, *outcome)
+            except RuntimeError:                   # the loop closed meanwhile (quitting): nobody waits
+                pass
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
         return await fut
