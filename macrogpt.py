@@ -3004,7 +3004,7 @@ class Learner:
         self.brain = await self._beside(self._pull)
         self.live_step = self.brain.step
 
-    def shutdown(self, wait=3.0):
+    def shutdown(self, wait=2.0):
         """Stop after the step in flight; keep warmup steps taken since the last adopt if possible."""
         self.stopping.set()
         if self._thread is not None:
