@@ -16,10 +16,16 @@ Benchmark:   python macrogpt.py --bench
 Tests:       python -m unittest            (from the repository root)
 """
 
+import signal
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # a Ctrl+C during the imports below ends quietly; main() takes it over
+
 import argparse
 import array
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -32,13 +38,21 @@ import operator
 import os
 import random
 import re
-import signal
 import sqlite3
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from itertools import chain, repeat
+
+try:
+    import fcntl                                   # POSIX file locks
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt                                  # Windows file locks
+except ImportError:
+    msvcrt = None
 
 VERSION = "0.1.0"
 
@@ -2895,15 +2909,34 @@ def format_duration(seconds):
 # nothing ever prints over the line being typed.
 
 INTERRUPT = object()
+CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")     # C0 but tab and newline, DEL, C1
+
+
+class OutputError(MacroError):
+    pass
+
+
+def escape_controls(text):
+    r"""Control characters as visible escapes, e.g. ESC -> \x1b: a corpus line or a reply must not
+    retitle the terminal or move its cursor. Tab stays; newline stays because it separates the
+    lines of one answer (/help, /status). Stored text keeps the characters as they came."""
+    return CONTROLS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
 def say(text, stream=None):
-    """Print text whatever it holds: stray bytes show as U+FFFD, unencodable characters as '?'."""
+    """Print text whatever it holds: stray bytes show as U+FFFD, control characters escaped,
+    unencodable characters as '?'. A full or broken stream raises OutputError (BrokenPipeError as is)."""
     stream = stream or sys.stdout
-    text = text_to_bytes(text).decode("utf-8", "replace")
+    text = escape_controls(text_to_bytes(text).decode("utf-8", "replace"))
     enc = getattr(stream, "encoding", None) or "utf-8"
-    stream.write(text.encode(enc, "replace").decode(enc) + "\n")
-    stream.flush()
+    try:
+        stream.write(text.encode(enc, "replace").decode(enc) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        raise                                      # `| head` closed the pipe: main() ends quietly
+    except OSError as e:
+        name = "standard error" if stream is sys.stderr else "standard output"
+        raise OutputError("cannot write to %s: %s" % (name, e.strerror or e))
 
 
 class LineReader:
@@ -2945,6 +2978,9 @@ class LineReader:
             self._put(line)
 
 
+QUIT_SIGNALS = ("SIGTERM", "SIGHUP")       # `kill PID`, a closed terminal window: save and exit 0
+
+
 async def chat(session, interactive, train, pool):
     loop = asyncio.get_event_loop()
     queue = asyncio.Queue()
@@ -2967,6 +3003,17 @@ async def chat(session, interactive, train, pool):
         loop.add_signal_handler(signal.SIGINT, on_sigint)
     except (NotImplementedError, RuntimeError):
         pass                                           # Windows: Ctrl+C raises KeyboardInterrupt
+    hung_up = []
+
+    def on_quit_signal(name):
+        hung_up.append(name)                           # the terminal may be gone: say no goodbye
+        queue.put_nowait(None)                         # then save and exit 0, as /quit does
+    for name in QUIT_SIGNALS:
+        if hasattr(signal, name):
+            try:
+                loop.add_signal_handler(getattr(signal, name), on_quit_signal, name)
+            except (NotImplementedError, RuntimeError):
+                pass
     reader = LineReader(loop, queue, interactive)
     reader.start()
     task = loop.create_task(session.trainer.run(log)) if train else None
@@ -2976,20 +3023,23 @@ async def chat(session, interactive, train, pool):
         while True:
             line = await queue.get()
             if line is None or line is INTERRUPT:
-                if interactive:
+                if interactive and not hung_up:
                     say("")
                 break
             line = line.strip()
             if not line:
                 reader.ready()
                 continue
-            if line.startswith("/"):
-                text, quit_now = session.command(line)
-                if quit_now:
-                    break
-                say(text)
-            else:
-                say(session.respond(line))
+            try:
+                if line.startswith("/"):
+                    text, quit_now = session.command(line)
+                    if quit_now:
+                        break
+                else:
+                    text = session.respond(line)
+            except MemoryStoreError as e:                # the session goes on; stored rows are intact
+                text = "error: %s; %s" % (e, "not done" if line.startswith("/") else "no reply to this message")
+            say(text)
             for note in notes:
                 say("[%s]" % note)
             del notes[:]
@@ -3001,8 +3051,10 @@ async def chat(session, interactive, train, pool):
                 await task
             except asyncio.CancelledError:
                 pass
+            except MemoryStoreError as e:            # the trainer's boundary could not even log it
+                say("trainer stopped: %s" % e, sys.stderr)
         session.save()
-        if interactive:
+        if interactive and not hung_up:
             say("saved. goodbye.")
 
 
@@ -3150,6 +3202,117 @@ def run_bench(cfg, corpus_path=None, out=print):
 
 
 # ======================================================================================
+# Folder lock: one organism per folder, so two processes never train over each other's checkpoint.
+# ======================================================================================
+# The lock is the OS's (flock, or a Windows byte-range lock), so it dies with its process and
+# kill -9 leaves nothing stale. The file holds the owner's PID only for the message; it is
+# removed while still locked, and a locker checks that the file it locked is still the one at
+# the path (otherwise it locked a removed file and tries again).
+
+WINDOWS_LOCK_OFFSET = 1 << 20             # Windows locks a byte past the PID, so others can read it
+
+
+class LockedError(MacroError):
+    pass
+
+
+def _try_lock(fd):
+    """A non-blocking exclusive lock on an open file -> False if another process holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def _same_file(fd, path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
+class FolderLock:
+    """An exclusive OS lock on `<path>.lock` for as long as this process lives or until release()."""
+
+    def __init__(self, path):
+        self.path = path + ".lock"
+        self.fd = None
+
+    def acquire(self):
+        for _ in range(100):                           # each retry means another process just released
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as e:
+                raise MacroError("cannot create lock file %s: %s" % (self.path, e.strerror or e))
+            if not _try_lock(fd):
+                os.lseek(fd, 0, os.SEEK_SET)
+                owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise LockedError("another macrogpt (PID %s) is using %s; wait for it to end, or give this "
+                                  "one its own --db and --ckpt" % (owner, os.path.abspath(self.path[:-5])))
+            if fcntl is None or _same_file(fd, self.path):
+                break
+            os.close(fd)
+        else:
+            raise MacroError("cannot lock %s: it keeps being replaced" % self.path)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        if fcntl is not None:
+            _remove_quietly(self.path)             # while still locked: see the section note
+            os.close(fd)
+        else:
+            os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            os.close(fd)
+            _remove_quietly(self.path)             # fails harmlessly if another process has it open
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, kind, value, tb):
+        self.release()
+        return False
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def remove_stale_temps(path):
+    """Remove `<path>.<pid>.tmp` (and the older `<path>.tmp`) left by killed writers -> how many.
+
+    Call it only while holding the lock on `path`: then no other process is writing one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    pattern = re.compile(re.escape(base) + r"(\.\d+)?\.tmp\Z")
+    removed = 0
+    for name in os.listdir(folder):
+        if pattern.match(name) and os.path.join(folder, name) != os.path.abspath(temp_name(path)):
+            _remove_quietly(os.path.join(folder, name))
+            removed += 1
+    return removed
+
+
+# ======================================================================================
 # CLI: argparse, paths in the current directory, one-line errors with exit code 2.
 # ======================================================================================
 
@@ -3199,20 +3362,42 @@ def build_parser():
 def run(args):
     cfg = load_config(args.config)
     corpus = args.corpus or default_corpus_path()
+    check_paths(args)
     if args.bench:
-        run_bench(cfg, corpus)
+        run_bench(cfg, corpus, out=say)
         return 0
     if args.eval:
-        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed)
+        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, out=say)
         return 0
     if args.tokenize is not None:
         say(format_tokenization(_tokenizer_for(cfg, corpus, args.ckpt, args.seed), args.tokenize))
         return 0
+    if args.prompt is None and sys.stdin is None:
+        raise MacroError("standard input is closed; pipe messages in, or give --prompt TEXT")
+    with FolderLock(args.db), FolderLock(args.ckpt):         # before anything is written
+        remove_stale_temps(args.ckpt)
+        return run_session(cfg, corpus, args)
+
+
+def check_paths(args):
+    if not args.db or not args.ckpt:
+        raise MacroError("--db and --ckpt need a file name")
+    if os.path.abspath(args.db) == os.path.abspath(args.ckpt):
+        raise MacroError("--db and --ckpt must be different files")
+
+
+def run_session(cfg, corpus, args):
+    """Chat, or answer --prompt once: the work that writes, done while holding the folder lock."""
     if args.prompt is not None:
         session = Session(cfg, corpus, args.db, args.ckpt, args.seed)
         try:
             text = args.prompt.strip()
-            say(session.respond(text) if text else FALLBACK_REPLY)
+            if text.startswith("/"):
+                shown, _ = session.command(text)
+                if shown:
+                    say(shown)
+            else:
+                say(session.respond(text) if text else FALLBACK_REPLY)
             session.save()
         finally:
             session.close()
@@ -3224,11 +3409,13 @@ def run(args):
         except ImportError:
             pass
     train = not args.no_train
-    pool = WorkerPool() if train else None
+    with terminal_signals_ignored():
+        pool = WorkerPool() if train else None
     try:
         session = Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)
         try:
             asyncio.run(chat(session, interactive, train, pool))
+            quit_on_signals()                                  # the loop's handlers went with it
         finally:
             session.close()
     finally:
@@ -3245,16 +3432,100 @@ def _tokenizer_for(cfg, corpus, ckpt, seed):
     return train_first_tokenizer(Tokenizer(), cfg, train)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP outside the chat loop; like KeyboardInterrupt, no `except Exception` stops it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def quit_on_signals():
+    """SIGTERM and SIGHUP outside the chat loop end the program quietly -> a function restoring the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # set to SIG_DFL for the imports
+    old = {}
+    for name in QUIT_SIGNALS:
+        if hasattr(signal, name):
+            sig = getattr(signal, name)
+            old[sig] = signal.signal(sig, _raise_terminated)
+
+    def restore():
+        for sig, handler in old.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    return restore
+
+
+@contextlib.contextmanager
+def terminal_signals_ignored():
+    """Processes spawned meanwhile start with SIGINT and SIGHUP ignored (that survives exec): a Ctrl+C
+    or a closed terminal reaches the whole process group, and only the parent should decide what
+    it means (a worker killed mid-job can hang Pool.terminate). The parent's handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [getattr(signal, n) for n in ("SIGINT", "SIGHUP") if hasattr(signal, n)]
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
     try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def plug_closed_streams():
+    """Put /dev/null on a closed fd 0, 1 or 2, so no file we open lands there and is written by print.
+
+    sys.stdin and sys.stdout stay None, which run() reads as "closed"; a closed stderr just goes quiet.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
+def _quiet_stdout():
+    """Point fd 1 at /dev/null, so the exit-time flush of what could not be written stays silent."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+
+
+def main(argv=None):
+    restore = None
+    try:
+        plug_closed_streams()
+        restore = quit_on_signals()
+        args = build_parser().parse_args(argv)
+        if sys.stdout is None:
+            raise OutputError("standard output is closed; nothing could be shown")
         return run(args)
     except MacroError as e:
-        say("macrogpt: error: %s" % e, sys.stderr)
+        if isinstance(e, OutputError):
+            _quiet_stdout()
+        try:
+            say("macrogpt: error: %s" % e, sys.stderr)
+        except (OutputError, BrokenPipeError):
+            pass                                   # stderr is gone too: the exit code is all we have
         return 2
     except BrokenPipeError:                        # `| head` closed our output: nothing left to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # quiet the exit-time flush
+        _quiet_stdout()
         return 1
+    except KeyboardInterrupt:                      # Ctrl+C before the chat loop took it over
+        return 130
+    except Terminated:                             # before the loop: nothing new to save yet
+        return 0
+    finally:
+        if restore is not None:
+            restore()
 
 
 if __name__ == "__main__":
