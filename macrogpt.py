@@ -2053,6 +2053,8 @@ class Memory:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
+            if _is_sqlite_file(path):
+                raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, _damaged_hint(path)))
             raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))
         if version > MEMORY_VERSION:
             raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
@@ -2074,7 +2076,7 @@ class Memory:
 
     def _check_intact(self, path, tables):
         """Refuse a damaged file at open, before anything is written to it (quick_check: ~2 ms at 20,000 lines)."""
-        hint = "move it aside to start a fresh memory (`sqlite3 %s .recover` may save what is left)" % path
+        hint = _damaged_hint(path)
         try:
             problems = [r[0] for r in self.db.execute("PRAGMA quick_check")]
             missing = sorted(set(re.findall(r"CREATE TABLE (\w+)", SCHEMA)) - tables)
@@ -2197,6 +2199,15 @@ class Memory:
     def set_state(self, key, value):
         with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+
+def _is_sqlite_file(path):
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
+def _damaged_hint(path):
+    return "move it aside to start a fresh memory (`sqlite3 %s .recover` may save what is left)" % path
 
 
 class _Transaction:
