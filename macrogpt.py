@@ -2950,6 +2950,14 @@ def say(text, stream=None):
         raise OutputError("cannot write to %s: %s" % (name, e.strerror or e))
 
 
+def say_if_possible(text):
+    """For courtesy lines at exit: a closed terminal window (EIO) ends input before SIGHUP arrives."""
+    try:
+        say(text)
+    except OutputError:
+        pass                                       # nobody is left to read it; the exit code stays 0
+
+
 class LineReader:
     def __init__(self, loop, queue, interactive):
         self.loop = loop
@@ -2966,7 +2974,10 @@ class LineReader:
         self.go.set()
 
     def _put(self, item):
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:                           # the loop has closed: the session is over
+            pass
 
     def _run(self):
         while True:
@@ -3035,7 +3046,7 @@ async def chat(session, interactive, train, pool):
             line = await queue.get()
             if line is None or line is INTERRUPT:
                 if interactive and not hung_up:
-                    say("")
+                    say_if_possible("")
                 break
             line = line.strip()
             if not line:
@@ -3066,7 +3077,7 @@ async def chat(session, interactive, train, pool):
                 say("trainer stopped: %s" % e, sys.stderr)
         session.save()
         if interactive and not hung_up:
-            say("saved. goodbye.")
+            say_if_possible("saved. goodbye.")
 
 
 # ======================================================================================
