@@ -93,12 +93,12 @@ class CheckpointTest(unittest.TestCase):
     def test_killed_writer_leaves_previous_checkpoint(self):
         # a kill after the temp file is written but before the rename leaves only a stray .tmp
         M.save_checkpoint(self.path, self.model, self.opt, 1)
-        with open(self.path + ".tmp", "wb") as f:
+        with open(M.temp_name(self.path), "wb") as f:
             f.write(b"macrogpt-checkpoint 1 half-writ")
         _, _, step, _ = M.restore_checkpoint(M.read_checkpoint(self.path))
         self.assertEqual(step, 1)
         M.save_checkpoint(self.path, self.model, self.opt, 3)
-        self.assertFalse(os.path.exists(self.path + ".tmp"))
+        self.assertFalse(os.path.exists(M.temp_name(self.path)))
 
 
 class GrowConfigTest(unittest.TestCase):

@@ -12,9 +12,13 @@ SCRIPT = os.path.join(ROOT, "macrogpt.py")
 LOCAL = {"macrogpt", "tests", "__future__"}
 
 
+OTHER_PLATFORMS = {"msvcrt", "winreg", "winsound", "_winapi", "_msi", "msilib"}   # stdlib, but Windows-only
+
+
 def _stdlib_by_location(name):
-    """Before 3.10 there is no list: a module is stdlib if built in or found under the stdlib folders."""
-    if name in sys.builtin_module_names:
+    """Before 3.10 there is no list: a module is stdlib if built in or found under the stdlib folders
+    (or one of the few stdlib modules that exist only on another platform)."""
+    if name in sys.builtin_module_names or name in OTHER_PLATFORMS:
         return True
     try:
         spec = importlib.util.find_spec(name)
