@@ -120,6 +120,7 @@ class Config:
     tie_embeddings: bool = True          # lm_head shares wte
     rope_base: float = 10000.0
     init_std: float = 0.02
+    dropout: float = 0.0                 # training only: share of each block's additions zeroed
     # delta adapters
     delta_rank: int = 4
     max_delta_modules: int = 8
@@ -213,6 +214,8 @@ class Config:
             raise ConfigError("Config.entropy_low must not exceed entropy_high")
         if self.heldout_every < 2:
             raise ConfigError("Config.heldout_every must be at least 2 (1 would hold out every line)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("Config.dropout must be in [0, 1), got %r" % self.dropout)
         if not 0 <= self.field_discount < 1:
             raise ConfigError("Config.field_discount must be in [0, 1), got %r" % self.field_discount)
         if self.forget_tolerance < 0 or self.qb_cooldown_seconds < 0:
@@ -517,6 +520,18 @@ def mul(a, b):
         gb = [list(map(operator.mul, gr, x)) for gr, x in zip(g, A)] if b.requires_grad else None
         return ga, gb
     return Tensor(out, (a, b), backward_fn)
+
+
+def dropout(x, p, rng):
+    """Zero each entry with probability p and scale the survivors by 1 / (1 - p) (training only)."""
+    keep = 1.0 / (1.0 - p)
+    rand = rng.random
+    masks = [[keep if rand() >= p else 0.0 for _ in row] for row in x.data]
+    out = [list(map(operator.mul, r, m)) for r, m in zip(x.data, masks)]
+
+    def backward_fn(g):
+        return ([list(map(operator.mul, gr, m)) for gr, m in zip(g, masks)],)
+    return Tensor(out, (x,), backward_fn)
 
 
 def scale(a, s):
@@ -1007,11 +1022,12 @@ class Block:
     def linears(self):
         return [(name, getattr(self, name)) for name in LINEAR_NAMES]
 
-    def __call__(self, x, n_seq, T, cfg, table):
+    def __call__(self, x, n_seq, T, cfg, table, rng=None):
+        drop = (lambda t: dropout(t, cfg.dropout, rng)) if rng is not None and cfg.dropout > 0 else (lambda t: t)
         qkv = linear(rmsnorm(x, self.ln1), [self.wq, self.wk, self.wv])
-        x = add(x, linear(attention(qkv, n_seq, T, cfg.n_head, table), [self.wo]))
+        x = add(x, drop(linear(attention(qkv, n_seq, T, cfg.n_head, table), [self.wo])))
         gv = linear(rmsnorm(x, self.ln2), [self.fc_g, self.fc_v])
-        return add(x, linear(swiglu(gv), [self.fc2]))
+        return add(x, drop(linear(swiglu(gv), [self.fc2])))
 
 
 class GPT:
@@ -1117,20 +1133,23 @@ class GPT:
         self.touch()
 
     # -- training forward ----------------------------------------------------------------
-    def forward(self, inputs):
-        """inputs: n_seq lists of T ids (equal lengths, T <= block_size) -> logits (n_seq*T, V)."""
+    def forward(self, inputs, rng=None):
+        """inputs: n_seq lists of T ids (equal lengths, T <= block_size) -> logits (n_seq*T, V).
+
+        With rng (training), Config.dropout applies to what each attention and MLP adds.
+        """
         n_seq, T = len(inputs), len(inputs[0])
         assert T <= self.cfg.block_size
         ids = [i for seq in inputs for i in seq]
         x = embed(self.wte, ids)                          # (n_seq*T, C) rows
         for blk in self.blocks:
-            x = blk(x, n_seq, T, self.cfg, self.rope)
+            x = blk(x, n_seq, T, self.cfg, self.rope, rng)
         return linear(rmsnorm(x, self.lnf), [self.lm_head])
 
-    def loss(self, inputs, targets):
+    def loss(self, inputs, targets, rng=None):
         """Mean next-token cross-entropy (nats) of targets (same shape as inputs)."""
         flat = [t for seq in targets for t in seq]
-        return mean(cross_entropy(self.forward(inputs), flat))
+        return mean(cross_entropy(self.forward(inputs, rng), flat))
 
     # -- generation: one token at a time, KV cache, no graph ----------------------------------
     def _inference_weights(self):
@@ -1328,21 +1347,21 @@ class _NoCycleCollection:
         return False
 
 
-def backward_step(model, inputs, targets, weight=1.0):
+def backward_step(model, inputs, targets, weight=1.0, rng=None):
     """Forward and backward of weight * mean loss; gradients land in .grad -> the mean loss (nats).
 
     A data-parallel shard passes its share of the batch's tokens as weight, so the shards'
     gradients add up to the gradient of the whole batch's mean loss.
     """
     with _NoCycleCollection():
-        loss = model.loss(inputs, targets)
+        loss = model.loss(inputs, targets, rng)
         (scale(loss, weight) if weight != 1.0 else loss).backward()
     return loss.data[0][0]
 
 
-def train_step(model, opt, inputs, targets, lr):
+def train_step(model, opt, inputs, targets, lr, rng=None):
     """One forward, backward and Adam update -> the batch's mean loss (nats)."""
-    loss = backward_step(model, inputs, targets)
+    loss = backward_step(model, inputs, targets, rng=rng)
     with _NoCycleCollection():
         opt.step(model.named_params(), lr)
     model.touch()
@@ -2716,6 +2735,7 @@ class Replica:
 
     def __init__(self, raw, seed=0):
         self.brain = Brain.from_bytes(raw, seed=seed)
+        self.rng = random.Random(seed)                 # dropout masks; each worker has its own seed
 
     def trainable(self, train_base):
         self.brain.model.set_trainable(train_base)
@@ -2724,7 +2744,7 @@ class Replica:
     def grad(self, shard, weight, train_base):
         """Gradient of weight * the shard's mean loss, flattened -> (loss, tokens, array('d'))."""
         params = self.trainable(train_base)
-        loss = backward_step(self.brain.model, [s[:-1] for s in shard], [s[1:] for s in shard], weight)
+        loss = backward_step(self.brain.model, [s[:-1] for s in shard], [s[1:] for s in shard], weight, self.rng)
         flat = array.array("d")
         for p in params:
             if p.grad is None:
@@ -2811,7 +2831,7 @@ def _worker_main(conn, shared, slot, capacity, seed):
         try:
             reply = None
             if kind == "load":
-                replica = Replica(args[0], seed)
+                replica = Replica(args[0], seed + 7919 * slot)
             elif kind == "grad":
                 loss, tokens, flat = replica.grad(*args)
                 if len(flat) > capacity:

@@ -66,6 +66,23 @@ class OpGradientTest(unittest.TestCase):
         a = rand_tensor(self.rng, 3, 8, 1.5)
         self.check(lambda: project(M.swiglu(a)), [a])
 
+    def test_dropout_with_a_fixed_mask(self):
+        a = rand_tensor(self.rng, 4, 6)
+        self.check(lambda: project(M.dropout(M.mul(a, a), 0.3, random.Random(5))), [a])   # same mask each call
+        out = M.dropout(a, 0.5, random.Random(5)).data
+        zeroed = sum(v == 0.0 for row in out for v in row)
+        self.assertTrue(0 < zeroed < 24)
+        for row, orig in zip(out, a.data):
+            for v, x in zip(row, orig):
+                self.assertIn(v, (0.0, 2.0 * x))                 # survivors scaled by 1 / (1 - p)
+
+    def test_a_model_with_dropout_is_exact_without_a_generator(self):
+        cfg = M.Config(n_layer=1, n_embd=8, n_head=2, block_size=8, seq_len=8, dropout=0.5)
+        model = M.GPT(cfg, 20, seed=1)
+        seq = [[1, 2, 3, 4]]
+        self.assertEqual(model.forward(seq).data, model.forward(seq).data)       # eval: no dropout
+        self.assertNotEqual(model.forward(seq, random.Random(1)).data, model.forward(seq).data)
+
     def test_rmsnorm(self):
         x, g = rand_tensor(self.rng, 4, 6), rand_tensor(self.rng, 1, 6)
         self.check(lambda: project(M.rmsnorm(x, g)), [x, g])
