@@ -84,6 +84,15 @@ class ConfigError(MacroError):
     pass
 
 
+def read_bytes(path, what, error=MacroError):
+    """The whole file, or `error` with one line naming what could not be read and why."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise error("cannot read %s%s: %s" % (what + " " if what else "", path, e.strerror or e))
+
+
 class CheckpointError(MacroError):
     pass
 
@@ -1475,12 +1484,7 @@ def parse_checkpoint(raw, name="checkpoint"):
 
 def read_checkpoint(path):
     """Read and verify a checkpoint file -> its body dict. Never modifies the file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise CheckpointError("cannot read checkpoint %s: %s" % (path, e.strerror or e))
-    return parse_checkpoint(raw, path)
+    return parse_checkpoint(read_bytes(path, "checkpoint", CheckpointError), path)
 
 
 def restore_checkpoint(body, cfg=None, seed=0):
@@ -2401,12 +2405,7 @@ class _Transaction:
 
 def read_corpus_file(path, what="corpus"):
     """The seed corpus (or an eval file): one utterance per non-blank line, stray bytes kept (surrogateescape)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise MacroError("cannot read %s %s: %s" % (what, path, e.strerror or e))
-    lines = [line.strip() for line in bytes_to_text(raw).splitlines()]
+    lines = [line.strip() for line in bytes_to_text(read_bytes(path, what)).splitlines()]
     return [line for line in lines if line]
 
 
@@ -4341,11 +4340,7 @@ def _checked_header(path, data):
 
 def read_safetensors(path):
     """A safetensors file -> {name: (shape, flat list of floats)}."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise HFError("cannot read %s: %s" % (path, e.strerror or e))
+    data = read_bytes(path, "", HFError)
     header, start = _checked_header(path, data)
     out = {}
     for name, t in header.items():

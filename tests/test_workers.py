@@ -138,19 +138,25 @@ def children_of(pid):
     return out
 
 
+def start_program(test, **config):
+    """The real program training with two workers in a fresh folder -> (folder, Popen with pipes)."""
+    d = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, d)
+    with open(os.path.join(d, "corpus.txt"), "w") as f:
+        f.write("\n".join(synthetic_corpus()) + "\n")
+    with open(os.path.join(d, "tiny.json"), "w") as f:
+        json.dump(dict(dict(n_layer=1, n_embd=8, n_head=2, block_size=16, seq_len=12, warmup_steps=10 ** 6,
+                            train_workers=2, enable_bpe_after_chars=200, bpe_num_merges=20), **config), f)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "macrogpt.py"), "--corpus", "corpus.txt",
+                             "--config", "tiny.json"], cwd=d, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return d, proc
+
+
 @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc to find the worker processes")
 class OrphanTest(unittest.TestCase):
     def test_workers_leave_when_the_parent_is_killed(self):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "corpus.txt"), "w") as f:
-            f.write("\n".join(synthetic_corpus()) + "\n")
-        with open(os.path.join(d, "tiny.json"), "w") as f:
-            json.dump(dict(n_layer=1, n_embd=8, n_head=2, block_size=16, seq_len=12, warmup_steps=10 ** 6,
-                           train_workers=2, enable_bpe_after_chars=200, bpe_num_merges=20), f)
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "macrogpt.py"), "--corpus", "corpus.txt",
-                                 "--config", "tiny.json"], cwd=d, stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        d, proc = start_program(self)
         try:
             deadline = time.time() + 60
             kids = []
@@ -160,8 +166,7 @@ class OrphanTest(unittest.TestCase):
             self.assertGreaterEqual(len(kids), 2)
         finally:
             proc.kill()
-            proc.wait()
-            proc.stdin.close()
+            proc.communicate()
         deadline = time.time() + 30
         while time.time() < deadline and any(os.path.exists("/proc/%d" % k) for k in kids):
             time.sleep(0.2)
@@ -171,20 +176,11 @@ class OrphanTest(unittest.TestCase):
         self.assertEqual(alive, [])
 
 
+@unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc to find the worker processes")
 class WorkerDeathInTheProgramTest(unittest.TestCase):
     def test_a_worker_killed_mid_warmup_is_replaced_and_status_tells(self):
         from tests.test_cli import CliTest
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with open(os.path.join(d, "corpus.txt"), "w") as f:
-            f.write("\n".join(synthetic_corpus()) + "\n")
-        with open(os.path.join(d, "tiny.json"), "w") as f:
-            json.dump(dict(n_layer=1, n_embd=8, n_head=2, block_size=16, seq_len=12, warmup_steps=10 ** 6,
-                           train_workers=2, enable_bpe_after_chars=200, bpe_num_merges=20,
-                           checkpoint_every_seconds=1.0), f)
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "macrogpt.py"), "--corpus", "corpus.txt",
-                                 "--config", "tiny.json"], cwd=d, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        d, proc = start_program(self, checkpoint_every_seconds=1.0)
         probe = CliTest()
         try:
             probe.status_until(proc, r"warmup step [1-9]")
