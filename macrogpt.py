@@ -146,7 +146,7 @@ class Config:
     # trainer
     batch_size: int = 4                  # sequences per step
     seq_len: int = 64                    # tokens per training window (<= block_size)
-    warmup_steps: int = 1200             # steps on the corpus before the base freezes
+    warmup_steps: int = 400              # steps on the whole corpus before the held-out text first judges
     micro_steps: int = 24                # steps per burst after warmup
     freeze_base_after_warmup: bool = True  # bursts train the delta adapters only
     idle_training: bool = True           # when no burst is due, keep training on the whole corpus
