@@ -58,6 +58,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from collections import Counter
+import itertools
 from itertools import chain, repeat
 
 try:
@@ -2328,19 +2329,11 @@ class Memory:
         return {"lines": lines, "bytes": size, "chat_lines": chat}
 
     @_guarded
-    def prune_corpus(self, max_lines, rng):
-        """Keep the newest half of max_lines and a random sample of the older lines -> removed ids."""
-        ids = [r[0] for r in self.db.execute("SELECT id FROM corpus ORDER BY id")]
-        if len(ids) <= max_lines:
-            return []
-        newest = max_lines // 2
-        older = ids[:len(ids) - newest]
-        keep_old = set(rng.sample(older, max_lines - newest))
-        drop = [i for i in older if i not in keep_old]
+    def prune_corpus(self, ids, why):
+        """Delete the corpus lines with these ids and log why, in one transaction."""
         with self.transaction():
-            self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i in drop])
-        self.log_event("prune", "removed %d of %d corpus lines" % (len(drop), len(ids)))
-        return drop
+            self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i in ids])
+            self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, 'prune', ?)", (time.time(), why))
 
     # -- logs and small state ------------------------------------------------------------------
     @_guarded
@@ -2530,12 +2523,22 @@ class Corpus:
             self.field.add(ids)
             self.recall.add(i, line)
             self.lexicon.add(line)
-        for i in self.memory.prune_corpus(self.cfg.max_corpus_lines, self.rng):
+        self._prune()
+        self.version += 1
+        return len(added)
+
+    def _prune(self):
+        """Past max_corpus_lines: keep the newest half of it and a random sample of the older lines."""
+        n, limit = len(self.texts), self.cfg.max_corpus_lines
+        if n <= limit:
+            return
+        older = list(itertools.islice(self.texts, n - limit // 2))     # ids ascend: the oldest first
+        drop = self.rng.sample(older, n - limit)
+        self.memory.prune_corpus(drop, "removed %d of %d corpus lines" % (len(drop), n))
+        for i in drop:
             self.n_bytes -= len(text_to_bytes(self.texts.pop(i)))
             self.field.remove(self.ids.pop(i))
             self.recall.remove(i)
-        self.version += 1
-        return len(added)
 
     def take_pending(self):
         """The material waiting for a burst, now handed to one."""

@@ -125,7 +125,10 @@ class CorpusTest(unittest.TestCase):
         s = self.session(max_corpus_lines=40)
         for i in range(30):
             s.corpus.add(["H: where is the zebra number %d" % i, "A: zebra %d is asleep." % i], "chat")
-        self.assertEqual(len(s.memory.corpus_rows()), 40)
+        lines = s.memory.corpus_lines()
+        self.assertEqual(len(lines), 40)
+        newest = [l for i in range(20, 30) for l in ("H: where is the zebra number %d" % i, "A: zebra %d is asleep." % i)]
+        self.assertEqual(lines[-20:], newest)                          # the newest half is always kept
         self.assertEqual(s.corpus.recall.answers_for("where is the zebra?", k=1), ["A: zebra 29 is asleep."])
         self.assertConsistent(s)
 

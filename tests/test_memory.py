@@ -52,13 +52,13 @@ class MemoryTest(unittest.TestCase):
         self.assertEqual(mem.corpus_lines(), ["a", "b", "c"])
         self.assertEqual(mem.corpus_stats(), {"lines": 3, "bytes": 3, "chat_lines": 1})
         mem.add_corpus_lines(["line %d" % i for i in range(100)], "chat")
-        removed = mem.prune_corpus(40, random.Random(0))
-        self.assertEqual(len(removed), 63)
+        mem.prune_corpus(range(4, 67), "test")
         self.assertEqual(mem.remove_corpus_lines(["line 99", "never stored"]), [(103, "line 99")])
         mem.add_corpus_lines(["line 99"], "chat")
         kept = mem.corpus_lines()
         self.assertEqual(len(kept), 40)
-        self.assertEqual(kept[-20:], ["line %d" % i for i in range(80, 100)])   # newest half kept
+        self.assertEqual(kept[-20:], ["line %d" % i for i in range(80, 100)])
+        self.assertEqual(mem.db.execute("SELECT detail FROM events WHERE kind = 'prune'").fetchall(), [("test",)])
 
     def test_growth_log_state_and_events(self):
         mem = self.open()
