@@ -170,10 +170,10 @@ class TrainerTest(unittest.TestCase):
         t = self.warmed_up(cfg)
         now = t.brain.progress.heldout.nll
         t.brain.progress.best_nll = now / 1.01                   # 1% worse than the best: kept
-        self.assertTrue(asyncio.run(t.judge("test")))
+        self.assertTrue(asyncio.run(t.judge("test", cfg.forget_tolerance)))
         self.assertAlmostEqual(t.brain.progress.best_nll, now / 1.01)   # the bar never rises
         t.brain.progress.best_nll = now / 1.05                   # 5% worse: rolled back
-        self.assertFalse(asyncio.run(t.judge("test")))
+        self.assertFalse(asyncio.run(t.judge("test", cfg.forget_tolerance)))
 
     def test_idle_learning_runs_when_no_burst_is_due_and_a_harmful_phase_is_rolled_back(self):
         cfg = tiny_trainer_config(forget_tolerance=0.0, lr=0.5, lr_min=0.5, idle_steps=6)
@@ -189,6 +189,13 @@ class TrainerTest(unittest.TestCase):
         self.assertFalse(self.run_tick(t))                       # backing off: waits a while
         self.clock.t += 121
         self.assertTrue(self.run_tick(t))
+
+    def test_an_idle_phase_must_not_be_worse_than_the_best_even_within_the_burst_tolerance(self):
+        cfg = tiny_trainer_config(forget_tolerance=0.05, lr=1e-12, lr_min=0.0, idle_steps=2)
+        t = self.warmed_up(cfg)
+        t.brain.progress.best_nll /= 1.001                       # the phase changes nothing: 0.1% worse
+        self.assertTrue(self.run_tick(t))
+        self.assertIn("rejected idle", self.memory.growth_rows()[-1]["note"])
 
     def test_idle_learning_trains_the_base_and_can_be_switched_off(self):
         cfg = tiny_trainer_config(forget_tolerance=10.0, idle_steps=4)
