@@ -3484,7 +3484,7 @@ def _finite(v):
 
 
 def _burst_mark(note):
-    """'burst' for a kept burst, 'rejected' for a rolled-back one, None for any other row."""
+    """'burst' for a kept burst, 'rejected' for a rolled-back burst or idle phase, None for any other row."""
     note = note or ""
     if note.startswith("rejected"):
         return "rejected"
@@ -3531,7 +3531,7 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
     """Held-out bits per byte of network, field and mix against training step -> text lines <= width.
 
     rows are Memory.growth_rows() dicts; missing, None or NaN figures are skipped, and rows of a
-    burst or a rejected burst put a mark on the step axis.
+    burst, or of a burst or idle phase that was rolled back, put a mark on the step axis.
     """
     g = {k: v[1 if ascii else 0] for k, v in GROWTH_GLYPHS.items()}
     bar, tick, corner, rule = g["axis"]
@@ -3579,7 +3579,7 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
     n_rejected = sum(_burst_mark(r.get("note")) == "rejected" for r in rows)
     out.extend(_packed(["%s network" % g["network"], "%s field" % g["field"], "%s mix" % g["mix"],
                         "%s burst (%d)" % (g["burst"], n_burst),
-                        "%s rejected burst (%d)" % (g["rejected"], n_rejected)], width))
+                        "%s rolled back (%d)" % (g["rejected"], n_rejected)], width))
     return "\n".join(line.rstrip() for line in out)
 
 

@@ -164,7 +164,7 @@ class RenderGrowthTest(unittest.TestCase):
         self.assertEqual(axis.count("\u00d7"), 2)
         self.assertRegex(lines[12], r"^      32 +step +80$")
         self.assertIn("\u25b2 burst (10)", text)
-        self.assertIn("\u00d7 rejected burst (2)", text)
+        self.assertIn("\u00d7 rolled back (2)", text)
         for name in ("network", "field", "mix"):
             self.assertIn(name, lines[-1])
 
@@ -190,13 +190,13 @@ class RenderGrowthTest(unittest.TestCase):
             self.assertFits(text, width)
         text = M.render_growth(sample_rows(), width=30, height=6)
         self.assertEqual(len(self.plot_lines(text)), 6)
-        self.assertIn("\u00d7 rejected burst (2)", text)
+        self.assertIn("\u00d7 rolled back (2)", text)
 
     def test_ascii_fallback_uses_only_ascii(self):
         text = M.render_growth(sample_rows(), ascii=True)
         text.encode("ascii")
         self.assertIn("5.00 |#", text)
-        self.assertIn("# network  - field  + mix  ^ burst (10)  x rejected burst (2)", text)
+        self.assertIn("# network  - field  + mix  ^ burst (10)  x rolled back (2)", text)
         self.assertRegex(text, r"\n     \+[-^x]+\n")
 
     def test_chart_follows_the_output_encoding(self):
