@@ -2417,7 +2417,7 @@ def read_corpus_file(path, what="corpus"):
 # the slice, and a held-out line never reaches the training side (database, field,
 # stream, BPE text), not even when someone types it in chat.
 
-HELDOUT_MAX_TOKENS = 1024                 # cap on the held-out slice scored per evaluation
+HELDOUT_MAX_TOKENS = 2048                 # cap on the held-out slice scored per evaluation
 
 
 def is_heldout(line, every):
@@ -2497,11 +2497,10 @@ class Corpus:
         self.ids = {i: tok.encode(line) for i, line in self.texts.items()}
         self.field = NGramField(self.cfg.field_order, tok.vocab_size, self.cfg.field_discount)
         self.field.rebuild(self.ids.values())
-        held = []
-        for line in self.heldout_lines:
-            held.extend(tok.encode(line) + [EOS])
-            if len(held) >= HELDOUT_MAX_TOKENS:
-                break
+        # every n-th held-out line, so a slice larger than the cap is sampled across the whole file
+        encoded = [tok.encode(line) + [EOS] for line in self.heldout_lines]
+        every = max(1, -(-sum(map(len, encoded)) // HELDOUT_MAX_TOKENS))
+        held = [t for ids in encoded[::every] for t in ids]
         self.heldout_stream = [EOS] + held[:HELDOUT_MAX_TOKENS]
         # bytes of text scored; each line end (EOS) counts as one byte, like a newline
         self.heldout_bytes = sum(len(tok.token_bytes(t)) or 1 for t in self.heldout_stream[1:])

@@ -121,7 +121,7 @@ class AppendOnlyTest(unittest.TestCase):
 
 class ShippedCorpusTest(unittest.TestCase):
     def test_bpe_compresses_the_shipped_corpus(self):
-        # measured on nonames.txt (50,006 bytes): 0.415 tokens per byte after 384 merges
+        # measured on nonames.txt (403,816 bytes; 399,082 without line ends): 0.417 tokens per byte after 384 merges
         lines = M.read_corpus_file(os.path.join(ROOT, "nonames.txt"))
         tok = M.Tokenizer()
         self.assertEqual(len(tok.train(lines, 384)), 384)
