@@ -4,6 +4,7 @@ import random
 import shutil
 import tempfile
 import unittest
+from unittest import mock
 
 import macrogpt as M
 from tests.test_trainer import synthetic_corpus, tiny_trainer_config
@@ -141,6 +142,28 @@ class CorpusTest(unittest.TestCase):
         s.respond("one more at the limit")
         self.assertEqual(calls, [])
         self.assertEqual(len(s.memory.corpus_rows()), 40)
+
+    def test_the_judges_slice_samples_the_whole_held_out_text(self):
+        cap = 80
+        with mock.patch.object(M, "HELDOUT_MAX_TOKENS", cap):
+            s = self.session()
+        corpus, tok = s.corpus, s.brain.tok
+        encoded = [tok.encode(line) for line in corpus.heldout_lines]
+        self.assertGreater(sum(len(ids) + 1 for ids in encoded), 2 * cap)     # the cap matters here
+        stream = corpus.heldout_stream
+        self.assertEqual(stream[0], M.EOS)
+        self.assertLessEqual(len(stream) - 1, cap)
+        whole, line = [], []                           # the lines the slice holds whole
+        for t in stream[1:]:
+            if t == M.EOS:
+                whole.append(encoded.index(line))
+                line = []
+            else:
+                line.append(t)
+        self.assertEqual(whole, sorted(whole))
+        self.assertEqual(whole[0], 0)
+        self.assertGreaterEqual(whole[-1], len(encoded) // 2)      # not just the first lines
+        self.assertEqual(corpus.heldout_bytes, sum(len(tok.token_bytes(t)) or 1 for t in stream[1:]))
 
 
 class FieldRemovalTest(unittest.TestCase):
