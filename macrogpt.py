@@ -3173,6 +3173,7 @@ class Learner:
 # allowance let rehearsal drift 2.5% above its best within 20 minutes) wears away what was learned.
 
 WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before the trainer looks up
+IDLE_PATIENCE = 3                         # idle phases rolled back in a row before the trainer rests
 IDLE_BACKOFF_MAX = 3600.0                 # longest pause between idle phases after rollbacks
 
 
@@ -3297,13 +3298,14 @@ class Trainer:
         return kept
 
     async def idle(self):
-        """Train the whole network on the whole living corpus; wait longer after each rollback."""
+        """Train the whole network on the whole living corpus; after rollbacks in a row, rest a while."""
         self.status = "idle learning"
         await self.job(self.cfg.idle_steps, True)
         self.brain.progress.idle_phases += 1
         kept = await self.judge("idle", 0.0)          # rehearsal has no new material to excuse a loss
         self.idle_rejects = 0 if kept else self.idle_rejects + 1
-        self.idle_after = self.now() + (0.0 if kept else min(IDLE_BACKOFF_MAX, 60.0 * 2 ** self.idle_rejects))
+        over = self.idle_rejects - IDLE_PATIENCE      # one phase worse is noise; three in a row, a plateau
+        self.idle_after = self.now() + (0.0 if over < 0 else min(IDLE_BACKOFF_MAX, 120.0 * 2 ** over))
         return kept
 
     async def tick(self):

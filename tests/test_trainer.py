@@ -186,8 +186,18 @@ class TrainerTest(unittest.TestCase):
         self.assertIn("rejected idle", self.memory.growth_rows()[-1]["note"])
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
         self.assertEqual((t.brain.step, t.step), (step, step))
-        self.assertFalse(self.run_tick(t))                       # backing off: waits a while
-        self.clock.t += 121
+        for phases in range(2, M.IDLE_PATIENCE + 1):             # one rollback may be noise: try again
+            self.assertTrue(self.run_tick(t))
+            self.assertEqual(t.brain.progress.idle_phases, phases)
+        self.assertFalse(self.run_tick(t))                       # a plateau: rest for two minutes
+        self.clock.t += 119
+        self.assertFalse(self.run_tick(t))
+        self.clock.t += 2
+        self.assertTrue(self.run_tick(t))
+        self.assertFalse(self.run_tick(t))                       # then four
+        self.clock.t += 239
+        self.assertFalse(self.run_tick(t))
+        self.clock.t += 2
         self.assertTrue(self.run_tick(t))
 
     def test_an_idle_phase_must_not_be_worse_than_the_best_even_within_the_burst_tolerance(self):
