@@ -121,7 +121,8 @@ class AppendOnlyTest(unittest.TestCase):
 
 class ShippedCorpusTest(unittest.TestCase):
     def test_bpe_compresses_the_shipped_corpus(self):
-        # measured on nonames.txt (403,816 bytes; 399,082 without line ends): 0.417 tokens per byte after 384 merges
+        # measured on nonames.txt (399,082 bytes of text in 4,734 lines): 0.417 tokens per byte
+        # after 384 merges
         lines = M.read_corpus_file(os.path.join(ROOT, "nonames.txt"))
         tok = M.Tokenizer()
         self.assertEqual(len(tok.train(lines, 384)), 384)
