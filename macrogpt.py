@@ -3147,13 +3147,17 @@ class Learner:
         self.live_step = self.brain.step
 
     def shutdown(self, wait=2.0):
-        """Stop after the step in flight; keep warmup steps taken since the last adopt if possible."""
+        """Stop after the step in flight; keep warmup steps taken since the last adopt if possible.
+
+        After warmup the workers' steps since the last adopt belong to a burst or an idle phase
+        that the held-out text has not judged, so they are dropped.
+        """
         self.stopping.set()
         if self._thread is not None:
             self._thread.join(wait)
             if self._thread.is_alive():
                 return
-        if self.synced and self.live_step > self.brain.step:
+        if self.synced and self.live_step > self.brain.step and not self.brain.progress.warmup_done:
             try:
                 self.brain = self._pull()
             except WorkerLost:

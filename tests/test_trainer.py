@@ -200,6 +200,21 @@ class TrainerTest(unittest.TestCase):
         self.clock.t += 2
         self.assertTrue(self.run_tick(t))
 
+    def test_quitting_keeps_warmup_steps_but_never_an_unjudged_phase(self):
+        cfg = tiny_trainer_config(idle_steps=4)
+        t = self.trainer(cfg)
+        asyncio.run(t.job(3, True))                              # warmup steps, not adopted yet
+        t.shutdown()
+        self.assertEqual(t.brain.step, 3)
+        t = self.warmed_up(cfg)
+        weights = {n: [list(r) for r in p.data] for n, p in t.brain.model.named_params()}
+        step = t.brain.step
+        asyncio.run(t.job(4, True))                              # an idle phase cut short by /quit
+        self.assertEqual(t.step, step + 4)
+        t.shutdown()
+        self.assertEqual(t.brain.step, step)
+        self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
+
     def test_an_idle_phase_must_not_be_worse_than_the_best_even_within_the_burst_tolerance(self):
         cfg = tiny_trainer_config(forget_tolerance=0.05, lr=1e-12, lr_min=0.0, idle_steps=2)
         t = self.warmed_up(cfg)
