@@ -3229,8 +3229,12 @@ class Trainer:
         p.heldout, p.lam, p.best_nll = h, h.lam, h.nll
         self.log_growth(note)
 
-    async def judge(self, label, tolerance):
-        """Keep the workers' new state if held-out loss is at most `tolerance` above the best -> kept."""
+    async def judge(self, label, tolerance, train_on=False):
+        """Keep the workers' new state if held-out loss is at most `tolerance` above the best -> kept.
+
+        A state not kept is never adopted; with train_on the workers go on from it (the next phase
+        may carry it past the best), else they go back to the accepted brain.
+        """
         h, best = await self._evidence(), self.brain.progress.best_nll
         change = (h.nll - best) / max(best, 1e-12) if best else 0.0
         kept = change <= tolerance
@@ -3238,7 +3242,7 @@ class Trainer:
             await self.learner.adopt()
             p = self.brain.progress
             p.heldout, p.lam, p.best_nll = h, h.lam, min(best or h.nll, h.nll)
-        else:
+        elif not train_on:
             self.learner.changed()                     # the workers go back to the accepted brain
         self.log_growth("%s%s: held-out loss %+.1f%% vs the best" % ("" if kept else "rejected ", label, 100 * change))
         self.save()
@@ -3253,8 +3257,9 @@ class Trainer:
         return bool(added)
 
     async def grow_tokenizer(self):
-        if self.corpus.bpe_due(self.brain.progress.bpe_chars) and self.learner.live_step != self.brain.step:
-            await self.learner.adopt()                 # keep the steps the workers took
+        if (self.corpus.bpe_due(self.brain.progress.bpe_chars) and self.learner.live_step != self.brain.step
+                and not self.brain.progress.warmup_done):
+            await self.learner.adopt()                 # keep the warmup steps the workers took
         grew = self.update_tokenizer()
         if grew and self.brain.progress.warmup_done:          # the held-out bar must be measured again
             await self.measure("vocabulary grew to %d" % self.brain.tok.vocab_size)
@@ -3292,6 +3297,9 @@ class Trainer:
         recent = self.corpus.stream_offset(self.memory.get_state("burst_mark", 0))
         self.corpus.take_pending()
         self.last_burst = self.now()
+        if self.idle_rejects:                          # the workers may hold an idle state not kept
+            self.learner.changed()
+            self.idle_rejects = 0
         grow = self.learner.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
         if grow:
             await self.learner.add_delta()
@@ -3306,7 +3314,9 @@ class Trainer:
         self.status = "idle learning"
         await self.job(self.cfg.idle_steps, True)
         self.brain.progress.idle_phases += 1
-        kept = await self.judge("idle", 0.0)          # rehearsal has no new material to excuse a loss
+        # rehearsal has no new material to excuse a loss; a phase not kept may be noise, so the
+        # workers train on from it, and only the third in a row sends them back to the best
+        kept = await self.judge("idle", 0.0, train_on=self.idle_rejects + 1 < IDLE_PATIENCE)
         self.idle_rejects = 0 if kept else self.idle_rejects + 1
         over = self.idle_rejects - IDLE_PATIENCE      # one phase worse is noise; three in a row, a plateau
         self.idle_after = self.now() + (0.0 if over < 0 else min(IDLE_BACKOFF_MAX, 120.0 * 2 ** over))

@@ -184,11 +184,13 @@ class TrainerTest(unittest.TestCase):
         self.assertTrue(self.run_tick(t))                        # nothing to burst on: an idle phase
         self.assertEqual(t.brain.progress.idle_phases, 1)
         self.assertIn("rejected idle", self.memory.growth_rows()[-1]["note"])
-        self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
-        self.assertEqual((t.brain.step, t.step), (step, step))
+        self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)   # never adopted
+        self.assertEqual((t.brain.step, t.step), (step, step + 6))      # the workers train on from it
         for phases in range(2, M.IDLE_PATIENCE + 1):             # one rollback may be noise: try again
             self.assertTrue(self.run_tick(t))
             self.assertEqual(t.brain.progress.idle_phases, phases)
+        self.assertEqual((t.brain.step, t.step), (step, step))          # the third: back to the best
+        self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
         self.assertFalse(self.run_tick(t))                       # a plateau: rest for two minutes
         self.clock.t += 119
         self.assertFalse(self.run_tick(t))
@@ -214,6 +216,21 @@ class TrainerTest(unittest.TestCase):
         t.shutdown()
         self.assertEqual(t.brain.step, step)
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
+
+    def test_a_burst_after_an_idle_phase_not_kept_starts_from_the_accepted_brain(self):
+        cfg = tiny_trainer_config(forget_tolerance=10.0, lr=0.5, lr_min=0.5, idle_steps=6)
+        t = self.warmed_up(cfg)
+        best, step = t.brain.progress.best_nll, t.brain.step
+        t.brain.progress.best_nll = best / 2
+        self.assertTrue(self.run_tick(t))                        # an idle phase, not kept
+        self.assertEqual(t.step, step + 6)
+        t.brain.progress.best_nll = best
+        self.clock.t += 100
+        t.corpus.add(["H: where does the river go at night?", "A: it goes to the sea."], "chat")
+        self.assertTrue(t.burst_due())
+        self.assertTrue(self.run_tick(t))                        # the burst, kept
+        self.assertEqual(t.brain.progress.bursts, 1)
+        self.assertEqual(t.brain.step, step + cfg.micro_steps)   # not step + 6 + micro_steps
 
     def test_an_idle_phase_must_not_be_worse_than_the_best_even_within_the_burst_tolerance(self):
         cfg = tiny_trainer_config(forget_tolerance=0.05, lr=1e-12, lr_min=0.0, idle_steps=2)
