@@ -3175,6 +3175,8 @@ class Learner:
 # accepted: a burst that is worse by more than forget_tolerance is rolled back, and so is an
 # idle phase that is worse at all, so neither one bad burst nor a slow drift (measured: a 2%
 # allowance let rehearsal drift 2.5% above its best within 20 minutes) wears away what was learned.
+# "Rolled back" means never adopted: after an idle phase not kept the workers train on from it
+# (one phase worse is often noise), and only the third in a row sends them back to the best.
 
 WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before the trainer looks up
 IDLE_PATIENCE = 3                         # idle phases rolled back in a row before the trainer rests
