@@ -164,7 +164,8 @@ class Config:
     # tokenizer
     enable_bpe_after_chars: int = 20000
     bpe_retrain_every_chars: int = 4000
-    bpe_num_merges: int = 384
+    bpe_num_merges: int = 768            # merges the first training learns (0 keeps bytes)
+    bpe_retrain_merges: int = 32         # merges each later retrain adds
     # corpus field
     field_order: int = 4
     field_discount: float = 0.75
@@ -217,7 +218,8 @@ class Config:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError("Config.%s must be in [0, 1], got %r" % (name, getattr(self, name)))
         for name in ("top_k", "repetition_guard", "min_gen_tokens", "qb_min_bytes", "warmup_steps", "train_workers",
-                     "enable_bpe_after_chars", "bpe_retrain_every_chars", "bpe_num_merges"):
+                     "enable_bpe_after_chars", "bpe_retrain_every_chars", "bpe_num_merges",
+                     "bpe_retrain_merges"):
             if getattr(self, name) < 0:
                 raise ConfigError("Config.%s must be >= 0, got %r" % (name, getattr(self, name)))
         if not self.entropy_low <= self.entropy_high:
@@ -2593,7 +2595,8 @@ class Corpus:
         lines and re-encode -> the new ids."""
         if not self.bpe_due(progress.bpe_chars):
             return []
-        added = self.tok.train(self.training_lines(), self.cfg.bpe_num_merges)
+        merges = self.cfg.bpe_retrain_merges if progress.bpe_chars else self.cfg.bpe_num_merges
+        added = self.tok.train(self.training_lines(), merges)
         progress.bpe_chars = self.n_bytes
         if added:
             self.reencode()

@@ -61,7 +61,8 @@ class CorpusTest(unittest.TestCase):
 
     def test_every_derived_structure_equals_a_rebuild_after_any_history(self):
         rng = random.Random(5)
-        kw = dict(max_corpus_lines=70, enable_bpe_after_chars=200, bpe_retrain_every_chars=300, bpe_num_merges=8)
+        kw = dict(max_corpus_lines=70, enable_bpe_after_chars=200, bpe_retrain_every_chars=300, bpe_num_merges=8,
+                  bpe_retrain_merges=8)
         s = self.session(**kw)
         heldout = list(s.corpus.heldout_lines)
         said = ["how is the sea today?", "tell me about the rain", "the lamp is bright", "héllo мир 🙂"]

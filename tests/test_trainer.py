@@ -72,6 +72,15 @@ class TrainerTest(unittest.TestCase):
         self.assertEqual(t.corpus.field.vocab_size, t.brain.tok.vocab_size)
         self.assertIs(t.corpus.tok, t.brain.tok)
 
+    def test_a_retrain_adds_the_retrain_merges_not_the_first_count(self):
+        t = self.trainer(tiny_trainer_config(bpe_num_merges=20, bpe_retrain_merges=3, bpe_retrain_every_chars=50))
+        first = t.brain.tok.vocab_size
+        self.assertEqual(first, M.N_BASE_VOCAB + 20)
+        t.corpus.add(["H: a new line about %s and %s" % (a, b) for a in TOPICS[:3] for b in TOPICS[3:6]], "chat")
+        self.assertTrue(t.update_tokenizer())
+        self.assertEqual(t.brain.tok.vocab_size, first + 3)
+        self.assertEqual(t.brain.model.vocab_size, first + 3)
+
     def test_warmup_resumes_after_restart(self):
         cfg = tiny_trainer_config()                              # checkpoint_every_seconds = 0: a job is one step
         t = self.trainer(cfg)
