@@ -241,6 +241,24 @@ class TrainerTest(unittest.TestCase):
         self.assertEqual(t.brain.progress.bursts, 1)
         self.assertEqual(t.brain.step, step + cfg.micro_steps)   # not step + 6 + micro_steps
 
+    def test_an_idle_phase_anneals_from_idle_lr_to_the_floor(self):
+        cfg = tiny_trainer_config(forget_tolerance=10.0, idle_steps=6, lr=0.01, lr_min=0.001, idle_lr=0.004,
+                                  lr_decay_steps=16)
+        t = self.warmed_up(cfg)
+        rates = []
+        original = t.learner.workers.step
+        t.learner.workers.step = lambda batch, lr, base: (rates.append(lr), original(batch, lr, base))[1]
+        self.assertTrue(self.run_tick(t))
+        self.assertEqual(t.brain.progress.idle_phases, 1)
+        self.assertEqual(len(rates), 6)
+        self.assertAlmostEqual(rates[0], 0.004)
+        self.assertEqual(rates, sorted(rates, reverse=True))
+        self.assertAlmostEqual(rates[-1], 0.001)
+        rates.clear()
+        self.assertTrue(self.run_tick(t))                        # every phase starts at the peak again
+        self.assertAlmostEqual(rates[0], 0.004)
+        self.assertEqual(M.idle_lr_at(0, 5, 6, cfg), M.lr_at(0, cfg))   # early on the schedule is higher
+
     def test_an_idle_phase_must_not_be_worse_than_the_best_even_within_the_burst_tolerance(self):
         cfg = tiny_trainer_config(forget_tolerance=0.05, lr=1e-12, lr_min=0.0, idle_steps=2)
         t = self.warmed_up(cfg)
