@@ -3214,6 +3214,7 @@ class Trainer:
         self.cfg, self.corpus, self.memory, self.learner = cfg, corpus, memory, learner
         self.ckpt_path, self.now = ckpt_path, now
         self.status, self.idle_rejects = "idle", 0       # idle_rejects: idle phases rolled back in a row
+        self.plateaus = 0                                # times idle_rejects reached IDLE_PATIENCE in a row
         self.last_burst = self.last_save = self.idle_after = now()
 
     @property
@@ -3337,10 +3338,15 @@ class Trainer:
         self.brain.progress.idle_phases += 1
         # rehearsal has no new material to excuse a loss; a phase not kept may be noise, so the
         # workers train on from it, and only the third in a row sends them back to the best
-        kept = await self.judge("idle", 0.0, train_on=self.idle_rejects + 1 < IDLE_PATIENCE)
-        self.idle_rejects = 0 if kept else self.idle_rejects + 1
-        over = self.idle_rejects - IDLE_PATIENCE      # one phase worse is noise; three in a row, a plateau
-        self.idle_after = self.now() + (0.0 if over < 0 else min(IDLE_BACKOFF_MAX, 120.0 * 2 ** over))
+        patient = self.idle_rejects + 1 < IDLE_PATIENCE
+        kept = await self.judge("idle", 0.0, train_on=patient)
+        if kept:
+            self.idle_rejects = self.plateaus = 0
+        elif patient:
+            self.idle_rejects += 1
+        else:                                          # a plateau: rest, then try as patiently again
+            self.idle_rejects, self.plateaus = 0, self.plateaus + 1
+            self.idle_after = self.now() + min(IDLE_BACKOFF_MAX, 120.0 * 2 ** (self.plateaus - 1))
         return kept
 
     async def tick(self):

@@ -204,8 +204,12 @@ class TrainerTest(unittest.TestCase):
         self.clock.t += 119
         self.assertFalse(self.run_tick(t))
         self.clock.t += 2
+        for phases in range(1, M.IDLE_PATIENCE):                 # then try as patiently as before
+            self.assertTrue(self.run_tick(t))
+            self.assertEqual((t.brain.step, t.step), (step, step + 6 * phases))
         self.assertTrue(self.run_tick(t))
-        self.assertFalse(self.run_tick(t))                       # then four
+        self.assertEqual((t.brain.step, t.step), (step, step))
+        self.assertFalse(self.run_tick(t))                       # then rest for four
         self.clock.t += 239
         self.assertFalse(self.run_tick(t))
         self.clock.t += 2
