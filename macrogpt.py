@@ -3346,7 +3346,7 @@ class Trainer:
             self.idle_rejects += 1
         else:                                          # a plateau: rest, then try as patiently again
             self.idle_rejects, self.plateaus = 0, self.plateaus + 1
-            self.idle_after = self.now() + min(IDLE_BACKOFF_MAX, 120.0 * 2 ** (self.plateaus - 1))
+            self.idle_after = self.now() + min(IDLE_BACKOFF_MAX, 120.0 * 2 ** min(self.plateaus - 1, 5))
         return kept
 
     async def tick(self):
