@@ -3195,6 +3195,8 @@ class Learner:
 # allowance let rehearsal drift 2.5% above its best within 20 minutes) wears away what was learned.
 # "Rolled back" means never adopted: after an idle phase not kept the workers train on from it
 # (one phase worse is often noise), and only the third in a row sends them back to the best.
+# Then the trainer rests and tries again as patiently: the best is the luckiest of many noisy
+# phases, so a single phase from it rarely beats it (measured: 35 minutes of rest in an hour).
 
 WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before the trainer looks up
 IDLE_PATIENCE = 3                         # idle phases rolled back in a row before the trainer rests
