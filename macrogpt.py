@@ -2649,7 +2649,7 @@ class Corpus:
         """The field's rows for windows of `length` + 1 tokens at the start offsets in batches ->
         per batch, per window (ids, weights), TEACHER_TOP_K of each per predicted token; None if
         `stream` is no longer the corpus's stream. A line pruned meanwhile teaches the truth."""
-        version, current, starts, keys = self._layout()
+        _, current, starts, keys = self._layout()
         if current is not stream:
             return None
         spans = [[self._spans(starts, keys, len(stream), s, length) for s in batch] for batch in batches]
