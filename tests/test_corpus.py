@@ -1,4 +1,6 @@
 """The Corpus: held out by content, incremental changes equal to a rebuild, no stale caches."""
+import asyncio
+import copy
 import os
 import random
 import shutil
@@ -18,7 +20,7 @@ def recall_state(recall):
     return recall.answers, recall.index
 
 
-class CorpusTest(unittest.TestCase):
+class CorpusCase(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.dir)
@@ -36,6 +38,8 @@ class CorpusTest(unittest.TestCase):
         self.addCleanup(s.close)
         return s
 
+
+class CorpusTest(CorpusCase):
     def assertConsistent(self, s):
         """The invariant: everything derived equals a fresh derivation from the database."""
         corpus, tok = s.corpus, s.brain.tok
@@ -165,6 +169,60 @@ class CorpusTest(unittest.TestCase):
         self.assertEqual(whole[0], 0)
         self.assertGreaterEqual(whole[-1], len(encoded) // 2)      # not just the first lines
         self.assertEqual(corpus.heldout_bytes, sum(len(tok.token_bytes(t)) or 1 for t in stream[1:]))
+
+
+class TeacherTest(CorpusCase):
+    """The field's rows that training targets follow (Config.distill_beta)."""
+
+    def test_each_row_is_the_field_without_the_line_it_predicts(self):
+        s = self.session()
+        corpus, length = s.corpus, 12
+        stream = corpus.stream()
+        before = copy.deepcopy(field_state(corpus.field))
+        batches = [[0, 5], [len(stream) - length - 1]]
+        rows = asyncio.run(corpus.teach(stream, batches, length))
+        self.assertEqual(field_state(corpus.field), before)              # every line was put back
+        lines = [ids for _, ids in sorted(corpus.ids.items())]
+        owner, offset = [None], [None]                 # the line and position each stream token has
+        for n, ids in enumerate(lines):
+            owner += [n] * (len(ids) + 1)
+            offset += list(range(len(ids) + 1))
+        spans_lines = 0
+        for batch, batch_rows in zip(batches, rows):
+            for start, (ids, ws) in zip(batch, batch_rows):
+                self.assertEqual(len(ids), length * M.TEACHER_TOP_K)
+                spans_lines += len({owner[j] for j in range(start + 1, start + length + 1)}) > 1
+                for r, j in enumerate(range(start + 1, start + length + 1)):
+                    others = M.NGramField(corpus.field.order, corpus.field.vocab_size, corpus.field.discount)
+                    others.rebuild(lines[:owner[j]] + lines[owner[j] + 1:])
+                    p = others.probs(lines[owner[j]][:offset[j]])
+                    top = sorted(range(len(p)), key=lambda i: -p[i])[:M.TEACHER_TOP_K]
+                    got = dict(zip(ids[r * M.TEACHER_TOP_K:(r + 1) * M.TEACHER_TOP_K],
+                                   ws[r * M.TEACHER_TOP_K:(r + 1) * M.TEACHER_TOP_K]))
+                    self.assertEqual(sorted(p[i] for i in got), sorted(p[i] for i in top))   # ties may swap ids
+                    z = sum(p[i] for i in top)
+                    for i, w in got.items():
+                        self.assertAlmostEqual(w, p[i] / z, places=6)
+        self.assertGreater(spans_lines, 0)                               # windows crossing a line end
+
+    def test_a_line_gone_meanwhile_teaches_the_truth_and_new_text_starts_afresh(self):
+        s = self.session()
+        corpus = s.corpus
+        stream = corpus.stream()
+        asyncio.run(corpus.teach(stream, [[0]], 12))
+        self.assertTrue(corpus.teacher)
+        first = next(iter(corpus.teacher))
+        del corpus.teacher[first]                                        # as if pruned while teaching
+        spans = corpus._spans(*corpus._layout()[2:], len(stream), 0, 12)
+        ids, ws = corpus._rows(spans, stream, 0)
+        k, n = M.TEACHER_TOP_K, spans[0][2] - spans[0][1]
+        for r in range(n):
+            self.assertEqual(list(ids[r * k:(r + 1) * k]), [stream[1 + r]] * k)
+            self.assertEqual(list(ws[r * k:(r + 1) * k]), [1.0] + [0.0] * (k - 1))
+        corpus.add(["H: a brand new line"], "chat")
+        self.assertIsNone(asyncio.run(corpus.teach(stream, [[0]], 12)))     # the stream is outdated
+        corpus.reencode()
+        self.assertEqual(corpus.teacher, {})
 
 
 class FieldRemovalTest(unittest.TestCase):

@@ -251,7 +251,7 @@ class TrainerTest(unittest.TestCase):
         t = self.warmed_up(cfg)
         rates = []
         original = t.learner.workers.step
-        t.learner.workers.step = lambda batch, lr, base: (rates.append(lr), original(batch, lr, base))[1]
+        t.learner.workers.step = lambda batch, lr, *rest: (rates.append(lr), original(batch, lr, *rest))[1]
         self.assertTrue(self.run_tick(t))
         self.assertEqual(t.brain.progress.idle_phases, 1)
         self.assertEqual(len(rates), 6)

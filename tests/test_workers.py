@@ -44,6 +44,16 @@ class ShardGradientTest(unittest.TestCase):
         self.assertLess(max(abs(a - b) for a, b in zip(total, whole)) / scale, 1e-12)
 
 
+def teach(rng, windows, V=M.N_BASE_VOCAB):
+    """Random teacher rows (Corpus.teach's shape) for the windows."""
+    k, out = M.TEACHER_TOP_K, []
+    for w in windows:
+        ids = M.array.array("i", [rng.randrange(V) for _ in range((len(w) - 1) * k)])
+        ws = M.array.array("f", [rng.random() / k for _ in range((len(w) - 1) * k)])
+        out.append((ids, ws))
+    return out
+
+
 class WorkersTest(unittest.TestCase):
     def setUp(self):
         self.cfg = tiny_trainer_config(batch_size=4)
@@ -66,6 +76,26 @@ class WorkersTest(unittest.TestCase):
         _, _, whole = M.Replica(self.raw).grad(windows, 1.0, True)
         scale = max(abs(v) for v in whole)
         self.assertLess(max(abs(a - b) for a, b in zip(reduced, whole)) / scale, 1e-12)
+
+    def test_the_all_reduced_gradient_with_a_teacher_is_the_whole_batch_gradient(self):
+        w, rng = self.workers, random.Random(4)
+        windows = batch(rng, 4, 10)
+        rows = teach(rng, windows)
+        w._call([("grad", windows[k::2], 0.5, True, rows[k::2], 0.3) for k in range(2)])
+        size = M.Replica(self.raw).grad_size(True)
+        reduced = M._sum_slots(memoryview(w.shared).cast("B").cast("d"), 2, w.capacity, size)
+        _, _, whole = M.Replica(self.raw).grad(windows, 1.0, True, rows, 0.3)
+        _, _, plain = M.Replica(self.raw).grad(windows, 1.0, True)
+        scale = max(abs(v) for v in whole)
+        self.assertLess(max(abs(a - b) for a, b in zip(reduced, whole)) / scale, 1e-12)
+        self.assertGreater(max(abs(a - b) for a, b in zip(plain, whole)) / scale, 1e-3)   # the teacher counts
+        model = M.Brain.from_bytes(self.raw).model                    # and is the op, row by row in order
+        k = M.TEACHER_TOP_K
+        teacher = [(ids[r:r + k], ws[r:r + k]) for ids, ws in rows for r in range(0, len(ids), k)]
+        loss = M.mean(M.distill_cross_entropy(model.forward([s[:-1] for s in windows]),
+                                              [t for s in windows for t in s[1:]], teacher, 0.3))
+        replica_loss, _, _ = M.Replica(self.raw).grad(windows, 1.0, True, rows, 0.3)
+        self.assertAlmostEqual(replica_loss, loss.data[0][0], places=12)
 
     def test_replicas_stay_bit_identical_and_match_one_process(self):
         rng = random.Random(4)
@@ -92,10 +122,10 @@ class WorkersTest(unittest.TestCase):
         learner = M.Learner(self.cfg, brain, self.workers, seed=0)
         learner.synced, learner.live_step = True, brain.step
         stream = [M.EOS] + list(range(40)) * 10
-        learner._train(stream, 2, True, None, None)
+        learner._train(stream, learner.plan(stream, 2), None, True, None)
         os.kill(self.workers.procs[1].pid, signal.SIGKILL)
         self.workers.procs[1].join(5)
-        result = learner._train(stream, 3, True, None, None)
+        result = learner._train(stream, learner.plan(stream, 3), None, True, None)
         self.assertEqual(len(result.losses), 3)                   # only the step in flight was lost
         self.assertEqual(learner.live_step, 5)
         self.assertEqual(self.workers.restarts, 1)
@@ -112,7 +142,8 @@ class WorkersTest(unittest.TestCase):
         self.addCleanup(setattr, M, "WORKER_TIMEOUT", old_timeout)
         hung = self.workers.procs[0]
         os.kill(hung.pid, signal.SIGSTOP)
-        result = learner._train([M.EOS] + list(range(40)) * 10, 2, True, None, None)
+        stream = [M.EOS] + list(range(40)) * 10
+        result = learner._train(stream, learner.plan(stream, 2), None, True, None)
         self.assertEqual(len(result.losses), 2)
         self.assertFalse(hung.is_alive())
         self.assertIn("did not answer", self.workers.last_failure)
