@@ -5,6 +5,7 @@ Contract
     model of the living corpus), trains its network in the background, and hands the voice over to
     the network as held-out evidence says it has earned it.
   * Training runs data-parallel in worker processes, one per core, never in the chat's way.
+  * The field also teaches the network: part of each training target is its next-token distribution.
   * New conversation is learned in bursts by appended low-rank delta adapters over a frozen base;
     when no burst is due, idle learning rehearses the whole living corpus. Every burst and idle
     phase is judged on a held-out slice against the best state so far, and rolled back if worse.
