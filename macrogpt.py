@@ -4937,13 +4937,13 @@ def bench_naive_mflops(N, k, M, repeats=3):
     return 2.0 * N * k * M / _median(times) / 1e6
 
 
-def bench_model(cfg, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, out=print):
+def bench_model(cfg, vocab_size, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, out=print):
     rng = random.Random(0)
-    model = GPT(cfg, N_BASE_VOCAB, seed=0)
+    model = GPT(cfg, vocab_size, seed=0)
     opt = Adam(cfg)
     rates = []
     for i in range(steps + 1):                                # the first step is a warm-up
-        seqs = [[rng.randrange(N_BASE_VOCAB) for _ in range(T + 1)] for _ in range(n_seq)]
+        seqs = [[rng.randrange(vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
         t0 = time.perf_counter()
         loss = train_step(model, opt, [s[:-1] for s in seqs], [s[1:] for s in seqs], lr_at(i, cfg))
         dt = time.perf_counter() - t0
@@ -4951,7 +4951,7 @@ def bench_model(cfg, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, o
             rates.append(n_seq * T / dt)
             out("train step %d/%d | loss %.3f | %.0f tok/s" % (i, steps, loss, rates[-1]))
     cache = model.new_cache()
-    for tok in [rng.randrange(N_BASE_VOCAB) for _ in range(prompt_tokens)]:
+    for tok in [rng.randrange(vocab_size) for _ in range(prompt_tokens)]:
         logits = model.step(cache, tok)
     t0 = time.perf_counter()
     for _ in range(gen_tokens):
@@ -4959,18 +4959,20 @@ def bench_model(cfg, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, o
     gen_rate = gen_tokens / (time.perf_counter() - t0)
     return {"train_tokens_per_s": round(_median(rates), 1), "gen_tokens_per_s": round(gen_rate, 1),
             "params": model.num_params(),
-            "train_flops_per_token": 3 * 2 * forward_macs_per_token(cfg, N_BASE_VOCAB, T)}
+            "train_flops_per_token": 3 * 2 * forward_macs_per_token(cfg, vocab_size, T)}
 
 
-def bench_workers(cfg, n, steps=4, n_seq=4, T=64, out=print):
+def bench_workers(cfg, n, tok, steps=4, n_seq=4, T=64, out=print):
     """Training tokens/s of n worker processes sharing each n_seq x T batch (median; one warm-up step)."""
     brain = Brain.fresh(cfg)
+    brain.tok = tok
+    brain.model.grow_vocab(tok.vocab_size)
     workers = Workers(n)
     rng, rates = random.Random(0), []
     try:
         workers.load(brain.to_bytes(), brain.model.num_params())
         for i in range(steps + 1):
-            b = [[rng.randrange(N_BASE_VOCAB) for _ in range(T + 1)] for _ in range(n_seq)]
+            b = [[rng.randrange(tok.vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
             t0 = time.perf_counter()
             workers.step(b, lr_at(i, cfg), True)
             if i:
@@ -4982,7 +4984,8 @@ def bench_workers(cfg, n, steps=4, n_seq=4, T=64, out=print):
 
 
 def bench_tokenizer(lines, num_merges):
-    """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after."""
+    """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after
+    -> (figures, the tokenizer)."""
     tok = Tokenizer()
     t0 = time.perf_counter()
     tok.train(lines, num_merges)
@@ -4996,31 +4999,38 @@ def bench_tokenizer(lines, num_merges):
         times.append(time.perf_counter() - t0)
     return {"bpe_train_seconds": round(train_s, 3), "bpe_merges": len(tok.merges),
             "encode_bytes_per_s": round(n_bytes / _median(times)), "corpus_bytes": n_bytes,
-            "tokens_per_byte": round(n_tokens / n_bytes, 4)}
+            "tokens_per_byte": round(n_tokens / n_bytes, 4)}, tok
 
 
 def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
+    """Speeds of the model a first run trains: its vocabulary is the one the corpus teaches
+    the tokenizer (bytes alone without a corpus), since the output layer grows with it."""
     t0 = time.perf_counter()
-    meter = Meter("bench", 3 if corpus_path else 2, show_progress)      # on the quiet phases only
+    meter = Meter("bench", 2, show_progress)                  # on the quiet phases only
     meter.update(0)
     result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
               "kernel": "math.dist" if _dist is not None else "sum(map(mul))",
               "gen_kernel": "float" if cfg.exact_generation else "64-bit fixed point"}
+    tok = Tokenizer()
+    if corpus_path:
+        lines = read_corpus_file(corpus_path)
+        figures, trained = bench_tokenizer(lines, cfg.bpe_num_merges)
+        result.update(figures)
+        if sum(len(text_to_bytes(l)) for l in lines) >= cfg.enable_bpe_after_chars:
+            tok = trained
+    result["vocab"] = tok.vocab_size
+    meter.update(1)
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
     meter.finish()                                            # bench_model prints a line per step itself
-    result.update(bench_model(cfg, out=out))
+    result.update(bench_model(cfg, tok.vocab_size, out=out))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
     n = result["train_workers"] = worker_count(cfg)
-    result["train_tokens_per_s_1"] = bench_workers(cfg, 1, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
-    result["train_tokens_per_s_all"] = (bench_workers(cfg, n, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
+    result["train_tokens_per_s_1"] = bench_workers(cfg, 1, tok, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
+    result["train_tokens_per_s_all"] = (bench_workers(cfg, n, tok, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
                                         if n > 1 else result["train_tokens_per_s_1"])
-    if corpus_path:
-        meter.update(2)
-        result.update(bench_tokenizer(read_corpus_file(corpus_path), cfg.bpe_num_merges))
-    meter.finish()
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    out("python %s | kernel %s, generation %s | %d params"
-        % (result["python"], result["kernel"], result["gen_kernel"], result["params"]))
+    out("python %s | kernel %s, generation %s | %d params, vocabulary %d"
+        % (result["python"], result["kernel"], result["gen_kernel"], result["params"], result["vocab"]))
     out("train %.0f tok/s (%.0f MFLOP/s) | generate %.0f tok/s | naive matmul %.0f MFLOP/s"
         % (result["train_tokens_per_s"], result["train_mflops"], result["gen_tokens_per_s"],
            result["naive_mflops"]))

@@ -170,20 +170,28 @@ class CliTest(unittest.TestCase):
 
 class BenchTest(unittest.TestCase):
     def test_bench_reports_the_promised_figures(self):
-        cfg = M.Config(n_layer=1, n_embd=8, n_head=2, block_size=64, seq_len=64, bpe_num_merges=10)
+        cfg = M.Config(n_layer=1, n_embd=8, n_head=2, block_size=64, seq_len=64, bpe_num_merges=10,
+                       enable_bpe_after_chars=0)
         printed = []
         with tempfile.TemporaryDirectory() as d:
             corpus = os.path.join(d, "corpus.txt")
             with open(corpus, "w", encoding="utf-8") as f:
                 f.write("\n".join(synthetic_corpus()) + "\n")
             result = M.run_bench(cfg, corpus, out=printed.append)
+            small = M.Config(**dict(cfg.to_dict(), enable_bpe_after_chars=10 ** 6))
+            bytes_only = M.run_bench(small, corpus, out=lambda line: None)
+        self.assertEqual(bytes_only["vocab"], 259)                # a corpus too small for BPE: bytes
         self.assertEqual(json.loads(printed[-1]), result)             # the last line is the JSON
         self.assertEqual(result["config"], cfg.to_dict())
         for key in ("train_tokens_per_s", "gen_tokens_per_s", "naive_mflops", "encode_bytes_per_s"):
             self.assertGreater(result[key], 0, key)
+        # the model measured is the one a first run trains: bytes plus the corpus's merges
+        self.assertEqual(result["bpe_merges"], 10)
+        self.assertEqual(result["vocab"], 259 + 10)
+        self.assertEqual(result["params"], M.GPT(cfg, 269).num_params())
         # 2 x multiply-adds of the forward x 3, counted from the config: the 1-layer model at T=64
-        # has wq,wk,wv,wo 4*8*8, gate/value 2*32*8, fc2 8*32, head 259*8, attention 2*8*(64+1)/2
-        macs = 4 * 64 + 2 * 256 + 256 + 259 * 8 + 2 * 8 * 65 / 2
+        # has wq,wk,wv,wo 4*8*8, gate/value 2*32*8, fc2 8*32, head 269*8, attention 2*8*(64+1)/2
+        macs = 4 * 64 + 2 * 256 + 256 + 269 * 8 + 2 * 8 * 65 / 2
         self.assertEqual(result["train_flops_per_token"], 3 * 2 * macs)
 
 
