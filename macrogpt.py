@@ -5016,7 +5016,8 @@ def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
         lines = read_corpus_file(corpus_path)
         figures, trained = bench_tokenizer(lines, cfg.bpe_num_merges)
         result.update(figures)
-        if sum(len(text_to_bytes(l)) for l in lines) >= cfg.enable_bpe_after_chars:
+        train, _ = split_heldout(lines, cfg.heldout_every)            # a first run's rule and text
+        if sum(len(text_to_bytes(l)) for l in train) >= cfg.enable_bpe_after_chars:
             tok = trained
     result["vocab"] = tok.vocab_size
     meter.update(1)
