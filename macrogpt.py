@@ -458,7 +458,7 @@ def rope_unrotate(g, cos, sin):
 # reference cycles and is freed as soon as the loss goes out of scope.
 
 class Tensor:
-    __slots__ = ("data", "grad", "parents", "backward_fn", "requires_grad", "frozen_rows")
+    __slots__ = ("data", "grad", "parents", "backward_fn", "requires_grad")
 
     def __init__(self, data, parents=(), backward_fn=None, requires_grad=None):
         self.data = data                  # list of rows
@@ -468,19 +468,6 @@ class Tensor:
         if requires_grad is None:
             requires_grad = any(p.requires_grad for p in parents)
         self.requires_grad = requires_grad
-        self.frozen_rows = 0              # parameters: rows below this index never change
-
-    def freeze(self, rows=None):
-        """Freeze the first `rows` rows (all by default); the optimizer never touches them."""
-        self.frozen_rows = len(self.data) if rows is None else rows
-        self.requires_grad = self.frozen_rows < len(self.data)
-
-    def append_rows(self, rows):
-        """Grow by rows at the end; a tensor with frozen rows is frozen base, and stays wholly frozen."""
-        frozen = self.frozen_rows > 0
-        self.data.extend(rows)
-        if frozen:
-            self.freeze()
 
     def backward(self):
         """Accumulate d(self)/d(node) into every node's .grad; self must be a 1x1 scalar."""
@@ -498,11 +485,8 @@ class Tensor:
                 node.grad = None          # free interior gradients as soon as they are used
 
 
-def param(data, trainable=True):
-    t = Tensor(data, requires_grad=trainable)
-    if not trainable:
-        t.frozen_rows = len(data)
-    return t
+def param(data):
+    return Tensor(data, requires_grad=True)
 
 
 def _topological_order(root):
@@ -529,17 +513,6 @@ def add(a, b):
     return Tensor(add_rows(a.data, b.data), (a, b), backward_fn)
 
 
-def mul(a, b):
-    A, B = a.data, b.data
-    out = [list(map(operator.mul, x, y)) for x, y in zip(A, B)]
-
-    def backward_fn(g):
-        ga = [list(map(operator.mul, gr, y)) for gr, y in zip(g, B)] if a.requires_grad else None
-        gb = [list(map(operator.mul, gr, x)) for gr, x in zip(g, A)] if b.requires_grad else None
-        return ga, gb
-    return Tensor(out, (a, b), backward_fn)
-
-
 def dropout(x, p, rng):
     """Zero each entry with probability p and scale the survivors by 1 / (1 - p) (training only)."""
     keep = 1.0 / (1.0 - p)
@@ -556,18 +529,6 @@ def scale(a, s):
     def backward_fn(g):
         return (scale_rows(g, s),)
     return Tensor(scale_rows(a.data, s), (a,), backward_fn)
-
-
-def silu(a):
-    X = a.data
-    S = [sigmoid_row(x) for x in X]
-    out = [[v * s for v, s in zip(x, sr)] for x, sr in zip(X, S)]
-
-    def backward_fn(g):
-        # d/dx x*sig(x) = sig(x) * (1 + x * (1 - sig(x)))
-        return ([[gv * s * (1.0 + v * (1.0 - s)) for gv, v, s in zip(gr, x, sr)]
-                 for gr, x, sr in zip(g, X, S)],)
-    return Tensor(out, (a,), backward_fn)
 
 
 def swiglu(gv):
@@ -624,26 +585,6 @@ def embed(wte, ids):
         dense = [grad.get(i) or [0.0] * C for i in range(len(table))]
         return (dense,)
     return Tensor(out, (wte,), backward_fn)
-
-
-def rope(x, n_head, positions, table):
-    """Rotary position embedding of every head of every row; positions[i] is row i's position."""
-    X = x.data
-    hd = len(X[0]) // n_head
-
-    def apply(rows, fn):
-        out = []
-        for row, pos in zip(rows, positions):
-            cos, sin = table.at(pos)
-            new = []
-            for h in range(n_head):
-                new.extend(fn(row[h * hd:(h + 1) * hd], cos, sin))
-            out.append(new)
-        return out
-
-    def backward_fn(g):
-        return (apply(g, rope_unrotate),)
-    return Tensor(apply(X, rope_rotate), (x,), backward_fn)
 
 
 def attention(qkv, n_seq, T, n_head, table):
@@ -935,9 +876,6 @@ class Tokenizer:
             out.extend(self._encode_piece(text_to_bytes(piece)))
         return out
 
-    def encode_bytes(self, data):
-        return self.encode(bytes_to_text(data))
-
     def token_bytes(self, i):
         return self.vocab[i]
 
@@ -1132,22 +1070,19 @@ class GPT:
     def n_deltas(self):
         return len(self.lm_head.deltas)
 
-    def freeze_base(self):
-        for _, t in self.base_params():
-            t.freeze()
-        self.touch()
-
     def set_trainable(self, base):
-        """Train the base weights too (warmup, idle learning) or only the deltas (bursts)."""
+        """Train the base weights too (warmup, idle learning) or only the deltas (bursts): the
+        choice is each job's, so nothing about it is saved."""
         for _, t in self.base_params():
-            t.freeze(0 if base else None)
+            t.requires_grad = base
 
     def touch(self):
         self.version += 1
 
     # -- growth ------------------------------------------------------------------------
-    def add_delta(self):
-        """Append one delta module to every linear; outputs are unchanged (A = 0)."""
+    def add_delta(self, alpha=None):
+        """Append one delta module to every linear, scaled by alpha (default Config.delta_alpha);
+        outputs are unchanged (A = 0)."""
         cfg = self.cfg
         if self.n_deltas >= cfg.max_delta_modules:
             return False
@@ -1156,7 +1091,7 @@ class GPT:
             out_dim, in_dim = len(lin.weight.data), len(lin.weight.data[0])
             A = param(zeros(out_dim, r))
             B = param(_randn(self.rng, r, in_dim, 1.0 / math.sqrt(in_dim)))
-            lin.deltas.append(Delta(A, B, cfg.delta_alpha))
+            lin.deltas.append(Delta(A, B, cfg.delta_alpha if alpha is None else alpha))
         self.touch()
         return True
 
@@ -1172,7 +1107,7 @@ class GPT:
         C, std = self.cfg.n_embd, self.cfg.init_std
         heads = [self.wte] if self.cfg.tie_embeddings else [self.wte, self.lm_head.weight]
         for t in heads:
-            t.append_rows(_randn(self.rng, new_size - old, C, std))
+            t.data.extend(_randn(self.rng, new_size - old, C, std))
         for d in self.lm_head.deltas:
             d.A.data.extend(zeros(new_size - old, len(d.A.data[0])))
         self.touch()
@@ -1357,13 +1292,13 @@ class Adam:
         self.cfg = cfg
         self.state = {}                   # name -> AdamState
 
-    def step(self, named_params, lr):
+    def update(self, named_params, lr):
         """Clip the global gradient norm, update trainable rows, clear grads -> the norm."""
         cfg = self.cfg
         live = [(n, p) for n, p in named_params if p.requires_grad and p.grad is not None]
         total = 0.0
         for _, p in live:
-            for row in p.grad[p.frozen_rows:]:
+            for row in p.grad:
                 total += sumsq(row)
         norm = math.sqrt(total)
         clip = min(1.0, cfg.grad_clip / (norm + 1e-12))
@@ -1376,7 +1311,7 @@ class Adam:
                 st = self.state[name] = AdamState([], [], [])
             st.extend(len(p.data), len(p.data[0]))
             m, v, counts = st.m, st.v, st.t
-            for i in range(p.frozen_rows, len(p.data)):
+            for i in range(len(p.data)):
                 counts[i] += 1
                 t = counts[i]
                 step_size = lr * sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
@@ -1418,14 +1353,6 @@ def backward_step(model, inputs, targets, weight=1.0, rng=None, teacher=None, be
     return loss.data[0][0]
 
 
-def train_step(model, opt, inputs, targets, lr, rng=None):
-    """One forward, backward and Adam update -> the batch's mean loss (nats)."""
-    loss = backward_step(model, inputs, targets, rng=rng)
-    with _NoCycleCollection():
-        opt.step(model.named_params(), lr)
-    model.touch()
-    return loss
-
 
 # ======================================================================================
 # Checkpoints: one versioned file, written atomically, weights as base64 of float64 arrays.
@@ -1434,7 +1361,7 @@ def train_step(model, opt, inputs, targets, lr, rng=None):
 # The digest makes a torn or edited file fail loudly instead of loading wrong weights.
 
 CKPT_MAGIC = "macrogpt-checkpoint"
-CKPT_VERSION = 2                          # 2: Adam counts per row, the model's random state
+CKPT_VERSION = 3                          # 2: Adam counts per row, the model's random state; 3: no frozen rows
 GROWABLE = ("n_embd", "n_layer", "n_head", "delta_rank", "block_size")
 GROW_SCALE = 0.001                        # new weights start this fraction of a fresh init
 
@@ -1492,12 +1419,10 @@ def _write_then_replace(path, data):
 
 
 def checkpoint_bytes(model, opt, step, extra=None):
-    """Everything needed to resume: config, step, weights, frozen rows, deltas, Adam state."""
+    """Everything needed to resume: config, step, weights, deltas, Adam state."""
     params, adam = {}, {}
     for name, t in model.named_params():
-        entry = pack_rows(t.data)
-        entry["frozen_rows"] = t.frozen_rows
-        params[name] = entry
+        params[name] = pack_rows(t.data)
         st = opt.state.get(name)
         if st is not None:
             adam[name] = {"m": pack_rows(st.m), "v": pack_rows(st.v), "t": st.t}
@@ -1508,10 +1433,6 @@ def checkpoint_bytes(model, opt, step, extra=None):
     text = json.dumps(body, separators=(",", ":")).encode("utf-8")
     header = "%s %d %s\n" % (CKPT_MAGIC, CKPT_VERSION, hashlib.sha256(text).hexdigest())
     return header.encode("ascii") + text
-
-
-def save_checkpoint(path, model, opt, step, extra=None):
-    atomic_write(path, checkpoint_bytes(model, opt, step, extra))
 
 
 def parse_checkpoint(raw, name="checkpoint"):
@@ -1543,9 +1464,7 @@ def restore_checkpoint(body, cfg=None, seed=0):
         saved_cfg = Config.from_dict(body["config"])
         model = GPT(saved_cfg, body["vocab_size"], seed, init=False)
         for alpha in body["delta_alphas"]:
-            model.add_delta()
-            for _, lin in model.linears():
-                lin.deltas[-1].alpha = alpha
+            model.add_delta(alpha)
         opt = Adam(saved_cfg)
         order = body["byteorder"]
         for name, t in model.named_params():
@@ -1554,8 +1473,6 @@ def restore_checkpoint(body, cfg=None, seed=0):
             if [len(data), len(data[0])] != [len(t.data), len(t.data[0])]:
                 raise CheckpointError("checkpoint is damaged: %s has the wrong shape" % name)
             t.data = data
-            if entry["frozen_rows"]:
-                t.freeze(entry["frozen_rows"])
             st = body["adam"].get(name)
             if st is not None:
                 m, v = unpack_rows(st["m"], order), unpack_rows(st["v"], order)
@@ -1610,9 +1527,7 @@ def grow_model(model, opt, cfg, seed=0):
     check_growth(old_cfg, cfg, model.n_deltas)
     grown = GPT(cfg, model.vocab_size, seed + 1)
     for d in model.lm_head.deltas:
-        grown.add_delta()
-        for _, lin in grown.linears():
-            lin.deltas[-1].alpha = d.alpha
+        grown.add_delta(d.alpha)
     old_params = dict(model.named_params())
     norm_fix = math.sqrt(old_cfg.n_embd / cfg.n_embd)   # keeps rms-normalized old dims unchanged
     new_opt = Adam(cfg)
@@ -1638,8 +1553,6 @@ def grow_model(model, opt, cfg, seed=0):
             zero_m = zeros(len(t.data), len(t.data[0]))
             counts = st.t + [0] * (len(t.data) - len(st.t))
             new_opt.state[name] = AdamState(_embed_rows(st.m, zero_m, 0.0), _embed_rows(st.v, zero_m, 0.0), counts)
-    if any(t.frozen_rows for _, t in model.base_params()):
-        grown.freeze_base()                            # new rows and layers too: bursts train only deltas
     grown.rng.setstate(model.rng.getstate())             # later rows continue the old stream
     return grown, new_opt
 
@@ -1706,19 +1619,24 @@ def filter_min_p(probs, min_p):
     return _keep(probs, [i for i, p in enumerate(probs) if p >= threshold and p > 0])
 
 
+def _keep_mass(probs, order, mass):
+    """Keep tokens in the given order until their probability reaches `mass`."""
+    kept, total = [], 0.0
+    for i in order:
+        kept.append(i)
+        total += probs[i]
+        if total >= mass:
+            break
+    return _keep(probs, kept)
+
+
 def filter_typical(probs, typical_p):
     """Keep tokens in order of |-log p - H| until their mass reaches typical_p (1 disables)."""
     if typical_p >= 1:
         return list(probs)
     h = entropy(probs)
     order = sorted((i for i, p in enumerate(probs) if p > 0), key=lambda i: (abs(-math.log(probs[i]) - h), i))
-    kept, mass = [], 0.0
-    for i in order:
-        kept.append(i)
-        mass += probs[i]
-        if mass >= typical_p:
-            break
-    return _keep(probs, kept)
+    return _keep_mass(probs, order, typical_p)
 
 
 def filter_top_k(probs, k):
@@ -1734,13 +1652,7 @@ def filter_top_p(probs, top_p):
     if top_p >= 1:
         return list(probs)
     order = sorted((i for i, p in enumerate(probs) if p > 0), key=lambda i: (-probs[i], i))
-    kept, mass = [], 0.0
-    for i in order:
-        kept.append(i)
-        mass += probs[i]
-        if mass >= top_p:
-            break
-    return _keep(probs, kept)
+    return _keep_mass(probs, order, top_p)
 
 
 def repetition_blocklist(history, n):
@@ -1980,6 +1892,22 @@ def bits_per_byte(nll_nats, n_bytes):
 WORD_RE = re.compile(r"[^\W\d_]{3,}")
 
 
+def heldout_windows(stream, length):
+    """Consecutive, non-overlapping windows covering the stream; each predicts all but its first token."""
+    return [stream[i:i + length + 1] for i in range(0, max(1, len(stream) - 1), length)
+            if len(stream[i:i + length + 1]) > 1]
+
+
+def target_probs(model, windows):
+    """Network probability of every true next token in the windows, in stream order."""
+    out = []
+    for w in windows:
+        cache = model.new_cache()
+        for cur, nxt in zip(w, w[1:]):
+            out.append(softmax(model.step(cache, cur))[nxt])
+    return out
+
+
 def content_words(text):
     return set(w.lower() for w in WORD_RE.findall(text))
 
@@ -2209,6 +2137,28 @@ GROWTH_FIELDS = ("step", "vocab", "params", "deltas", "loss", "heldout_bpb", "to
                  "network_bpb", "field_bpb")
 STATE_KINDS = {"seed_digest": str, "settings": dict, "burst_mark": int}   # what readers of each key expect
 
+# The message index: what the user said, searchable by words. It is derived data, rebuilt from
+# the messages table whenever it lags behind: FTS5 (ranked by its BM25) where this SQLite has
+# it, else a plain table of (term, message id) ranked by the sum of the shared terms' BM25
+# idf (term frequency taken as 1: messages are short).
+TERM_RE = re.compile(r"[^\W_]+")
+RARE_SHARE = 0.1                          # a term in at most this share of the messages is rare
+CJK_RE = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+)")
+
+
+def search_terms(text):
+    """The terms a message is found by: case-folded words, and character pairs in scripts
+    written without spaces between words (Chinese, Japanese) or with particles glued on (Korean).
+    'My cat 小白猫' -> ['my', 'cat', '小白', '白猫']"""
+    out = []
+    for word in TERM_RE.findall(fold_case(text)):
+        for k, part in enumerate(CJK_RE.split(word)):
+            if k % 2 == 0:
+                out.extend([part] if part else [])
+            else:
+                out.extend([part[i:i + 2] for i in range(len(part) - 1)] or [part])
+    return out
+
 
 def _guarded(method):
     """Memory's one error boundary: an SQLite failure after open (locked past the busy timeout,
@@ -2266,6 +2216,7 @@ class Memory:
                     self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
             elif version < MEMORY_VERSION:
                 self._migrate(version)
+            self._open_index()
         except sqlite3.Error as e:
             raise MemoryStoreError("cannot use database %s: %s" % (path, e))
 
@@ -2310,9 +2261,74 @@ class Memory:
     # -- conversation ------------------------------------------------------------------------
     @_guarded
     def add_message(self, role, text):
+        """Store a message (a user's is indexed for search) -> its id."""
         with self.transaction():
-            self.db.execute("INSERT INTO messages (time, role, text) VALUES (?, ?, ?)",
-                            (time.time(), role, text_to_bytes(text)))
+            i = self.db.execute("INSERT INTO messages (time, role, text) VALUES (?, ?, ?)",
+                                (time.time(), role, text_to_bytes(text))).lastrowid
+            if role == "user":
+                self._index(i, text)
+        return i
+
+    def _open_index(self):
+        """Make the message index current: FTS5 if this SQLite has it, else the term table."""
+        try:
+            self.db.execute("CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5(terms)")
+            self.fts, table = True, "message_fts"
+            last = "SELECT COALESCE(MAX(rowid), 0) FROM message_fts"
+        except sqlite3.OperationalError:                       # no FTS5 module
+            self.db.execute("CREATE TABLE IF NOT EXISTS message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS message_terms_term ON message_terms (term, id)")
+            self.fts, table = False, "message_terms"
+            last = "SELECT COALESCE(MAX(id), 0) FROM message_terms"
+        with self.transaction():
+            done = self.db.execute(last).fetchone()[0]
+            rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
+                                   (done,)).fetchall()
+            for i, text in rows:                   # messages a version without the index stored
+                self._index(i, bytes_to_text(bytes(text)))
+        return table
+
+    def _index(self, i, text):
+        terms = search_terms(text)
+        if self.fts:
+            self.db.execute("INSERT INTO message_fts (rowid, terms) VALUES (?, ?)", (i, " ".join(terms)))
+        else:
+            self.db.executemany("INSERT INTO message_terms (term, id) VALUES (?, ?)", [(t, i) for t in set(terms)])
+
+    def _term_counts(self, terms, before):
+        """-> (messages indexed before id `before`, {term: how many of them hold it})."""
+        if self.fts:
+            n = self.db.execute("SELECT COUNT(*) FROM message_fts WHERE rowid < ?", (before,)).fetchone()[0]
+            sql = "SELECT COUNT(*) FROM message_fts WHERE message_fts MATCH ? AND rowid < ?"
+            return n, {t: self.db.execute(sql, ('"%s"' % t.replace('"', '""'), before)).fetchone()[0] for t in terms}
+        n = self.db.execute("SELECT COUNT(DISTINCT id) FROM message_terms WHERE id < ?", (before,)).fetchone()[0]
+        sql = "SELECT COUNT(*) FROM message_terms WHERE term = ? AND id < ?"
+        return n, {t: self.db.execute(sql, (t, before)).fetchone()[0] for t in terms}
+
+    @_guarded
+    def search_messages(self, text, k=3, before=None):
+        """The k user messages stored before id `before` that best share terms with text, best
+        first -> [(id, text)]. A message qualifies only by sharing a rare term (held by at most
+        RARE_SHARE of the messages, or two): sharing "what" and "is" is no reason to recall it."""
+        before = before or 1 << 62
+        n, df = self._term_counts(sorted(set(search_terms(text))), before)
+        rare = {t for t, c in df.items() if 0 < c <= max(2, RARE_SHARE * n)}
+        if not rare:
+            return []
+        if self.fts:
+            query = " OR ".join('"%s"' % t.replace('"', '""') for t in rare)
+            ids = [r[0] for r in self.db.execute(
+                "SELECT rowid FROM message_fts WHERE message_fts MATCH ? AND rowid < ? ORDER BY rank LIMIT ?",
+                (query, before, k))]
+        else:
+            score = Counter()
+            for t in sorted(rare):
+                idf = math.log(1.0 + (n - df[t] + 0.5) / (df[t] + 0.5))        # BM25's idf, tf taken as 1
+                for (i,) in self.db.execute("SELECT id FROM message_terms WHERE term = ? AND id < ?", (t, before)):
+                    score[i] += idf
+            ids = [i for i, _ in sorted(score.items(), key=lambda kv: (-kv[1], -kv[0]))[:k]]
+        rows = dict(self.db.execute("SELECT id, text FROM messages WHERE id IN (%s)" % ",".join("?" * len(ids)), ids))
+        return [(i, bytes_to_text(bytes(rows[i]))) for i in ids]
 
     @_guarded
     def recent_messages(self, n):
@@ -2357,9 +2373,6 @@ class Memory:
         return [(i, bytes_to_text(bytes(line))) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
 
     @_guarded
-    def corpus_lines(self):
-        return [line for _, line in self.corpus_rows()]
-
     @_guarded
     def corpus_mark(self):
         """The newest corpus id: a burst records it, so a restart knows what is still unlearned."""
@@ -2510,10 +2523,18 @@ class Heldout:
 
     @classmethod
     def from_dict(cls, d):
-        d = dict(d)
-        d.setdefault("lam", d.pop("lambda", 0.0))              # checkpoints before the Corpus
+        d = _renamed_lambda(d)
+        d.setdefault("lam", 0.0)
         d.setdefault("nll", d["model_bpb"] * math.log(2) * d["bytes"])
         return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def _renamed_lambda(d):
+    """A copy of a saved dict with "lambda" (checkpoints before the Corpus) renamed "lam"."""
+    d = dict(d)
+    if "lambda" in d:
+        d["lam"] = d.pop("lambda")
+    return d
 
 
 @dataclass
@@ -2548,7 +2569,8 @@ class Corpus:
             self.n_bytes += len(text_to_bytes(line))
             self.recall.add(i, line)
             self.lexicon.add(line)
-        self.pending = Pending(bytes=memory.chat_bytes_after(memory.get_state("burst_mark", 0)))
+        self.burst_mark = memory.get_state("burst_mark", 0)      # the last corpus id a burst has learned
+        self.pending = Pending(bytes=memory.chat_bytes_after(self.burst_mark))
         self.reencode()
 
     def reencode(self):
@@ -2602,9 +2624,15 @@ class Corpus:
             self.teacher.pop(i, None)
 
     def take_pending(self):
-        """The material waiting for a burst, now handed to one."""
-        pending, self.pending = self.pending, Pending()
-        return pending
+        """Hand the material waiting for a burst to one -> (where in the stream it begins, the
+        mark to pass to mark_learned once the burst is over)."""
+        self.pending = Pending()
+        return self.stream_offset(self.burst_mark), self.memory.corpus_mark()
+
+    def mark_learned(self, mark):
+        """The lines up to corpus id `mark` have had their burst (kept or rolled back)."""
+        self.memory.set_state("burst_mark", mark)
+        self.burst_mark = mark
 
     def training_lines(self):
         return list(self.texts.values())
@@ -2713,31 +2741,14 @@ class Corpus:
         return Heldout(model_bpb=bits_per_byte(mix_nll(pairs, 1.0), n), field_bpb=bits_per_byte(mix_nll(pairs, 0.0), n),
                        mix_bpb=bits_per_byte(mix_nll(pairs, lam), n), lam=lam, bytes=n, nll=nll_of(model_probs))
 
-    # -- the tokenizer grows with the text ----------------------------------------------------
-    def bpe_due(self, done_chars):
-        if self.cfg.bpe_num_merges == 0:
-            return False
-        if done_chars == 0:
-            return self.n_bytes >= self.cfg.enable_bpe_after_chars
-        return self.n_bytes - done_chars >= self.cfg.bpe_retrain_every_chars
-
-    def update_tokenizer(self, progress):
-        """If the text grew enough since progress.bpe_chars, append merges learned from the training
-        lines and re-encode -> the new ids."""
-        if not self.bpe_due(progress.bpe_chars):
-            return []
-        merges = self.cfg.bpe_retrain_merges if progress.bpe_chars else self.cfg.bpe_num_merges
-        added = self.tok.train(self.training_lines(), merges)
-        progress.bpe_chars = self.n_bytes
-        if added:
-            self.reencode()
-            self.memory.log_event("bpe", "added %d merges; vocab %d" % (len(added), self.tok.vocab_size))
-        return added
-
 
 # ======================================================================================
 # Brain: the network, its optimizer and tokenizer, and the progress that travels with them.
 # ======================================================================================
+# The Brain is the one owner of these five: only its methods replace the model, optimizer
+# and step (one step = one optimizer update) or grow the tokenizer; only the Trainer writes
+# Progress. The workers hold copies, and the trainer takes their weights back when a job's
+# result is accepted.
 
 @dataclass
 class Progress:
@@ -2757,20 +2768,28 @@ class Progress:
 
     @classmethod
     def from_dict(cls, d):
-        d = dict(d)
-        if "lambda" in d:                                      # checkpoints before the Corpus
-            d["lam"] = d.pop("lambda")
+        d = _renamed_lambda(d)
         if d.get("heldout"):
             d["heldout"] = Heldout.from_dict(d["heldout"])
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def bpe_merges_due(cfg, n_bytes, done_chars):
+    """Merges the tokenizer should learn now from `n_bytes` of training text, when it last
+    trained at `done_chars` bytes (0: never) -> a count, 0 when none is due."""
+    if cfg.bpe_num_merges == 0:
+        return 0
+    if done_chars == 0:
+        return cfg.bpe_num_merges if n_bytes >= cfg.enable_bpe_after_chars else 0
+    return cfg.bpe_retrain_merges if n_bytes - done_chars >= cfg.bpe_retrain_every_chars else 0
+
+
 class Brain:
     def __init__(self, model, opt, step, tok, progress):
         self.model = model
         self.opt = opt
-        self.step = step                          # global optimizer step (drives the LR schedule)
+        self.step = step                          # optimizer steps taken (drives the LR schedule)
         self.tok = tok
         self.progress = progress                  # Progress
 
@@ -2798,14 +2817,10 @@ class Brain:
         return cls.from_body(parse_checkpoint(raw), cfg, seed)
 
     @classmethod
-    def load(cls, path, cfg=None, seed=0):
-        return cls.from_body(read_checkpoint(path), cfg, seed)
-
-    @classmethod
     def load_or_fresh(cls, path, cfg, seed=0):
         """The checkpoint at path if there is one, else a newborn brain."""
         if path and os.path.exists(path):
-            return cls.load(path, cfg, seed)
+            return cls.from_body(read_checkpoint(path), cfg, seed)
         return cls.fresh(cfg, seed)
 
     def to_bytes(self):
@@ -2815,22 +2830,35 @@ class Brain:
     def save(self, path):
         atomic_write(path, self.to_bytes())
 
+    def grow_tokenizer(self, lines, merges):
+        """Learn up to `merges` merges from lines and give the model rows for them -> merges added."""
+        added = self.tok.train(lines, merges)
+        self.model.grow_vocab(self.tok.vocab_size)
+        return added
+
+    def take_weights(self, other):
+        """Adopt another copy's model, optimizer and step; tokenizer and progress stay ours."""
+        assert other.tok.vocab_size == self.tok.vocab_size
+        self.model, self.opt, self.step = other.model, other.opt, other.step
+
 
 # ======================================================================================
-# Workers: data-parallel training on every core, each worker holding a replica of the brain.
+# Pool: data-parallel training on every core, each worker holding a replica of the brain.
 # ======================================================================================
 # The brain is sent to the workers once, and again only after something outside changed it
-# (BPE growth, a new delta, a rollback). Each step the trainer cuts the batch into one shard
+# (BPE growth, a new delta, a rollback). Each step the pool cuts the batch into one shard
 # per worker. Every worker writes the gradient of its shard, weighted by the shard's share
 # of the batch's tokens, into its own slot of a shared array; then each worker sums all
 # slots in the same order and applies the same Adam update, so the replicas stay
 # bit-identical and no weights cross a process boundary. With no worker processes the same
 # Replica runs in the chat process (tests, and a machine where spawning fails).
 #
-# A worker that dies or hangs costs the step in flight: the coordinator notices (its pipe
-# closes, or it misses a generous deadline), takes the weights from a surviving worker (or
-# from the last state the trainer adopted), restarts the workers and goes on. Workers run
-# at a lower priority than the chat process and leave when their parent is gone.
+# A message to a worker names one of the WORKER_OPS functions, which the worker calls.
+# A worker that dies or hangs costs the step in flight: the pool notices (its pipe closes,
+# or it misses a generous deadline), takes the weights from a surviving worker (or from the
+# trainer's brain), restarts the workers and goes on. Jobs run in a thread beside the event
+# loop, so the prompt never waits; workers run at a lower priority than the chat process
+# and leave when their parent is gone.
 
 WORKER_NICE = 10                          # workers yield the CPU to the chat process
 WORKER_TIMEOUT = 600.0                    # seconds without an answer before a worker counts as hung
@@ -2849,24 +2877,8 @@ def sample_starts(n_stream, n, length, rng, recent_from=None):
     return out
 
 
-def heldout_windows(stream, length):
-    """Consecutive, non-overlapping windows covering the stream; each predicts all but its first token."""
-    return [stream[i:i + length + 1] for i in range(0, max(1, len(stream) - 1), length)
-            if len(stream[i:i + length + 1]) > 1]
-
-
-def target_probs(model, windows):
-    """Network probability of every true next token in the windows, in stream order."""
-    out = []
-    for w in windows:
-        cache = model.new_cache()
-        for cur, nxt in zip(w, w[1:]):
-            out.append(softmax(model.step(cache, cur))[nxt])
-    return out
-
-
 class Replica:
-    """One copy of the brain and the pieces of a data-parallel step that run beside it."""
+    """One copy of the brain and the two halves of a data-parallel step that run beside it."""
 
     def __init__(self, raw, seed=0):
         self.brain = Brain.from_bytes(raw, seed=seed)
@@ -2903,22 +2915,16 @@ class Replica:
             p.grad = [flat[o + r * cols:o + (r + 1) * cols] for r in range(len(p.data))]
             o += len(p.data) * cols
         with _NoCycleCollection():
-            self.brain.opt.step(self.brain.model.named_params(), lr)
+            self.brain.opt.update(self.brain.model.named_params(), lr)
         self.brain.model.touch()
         self.brain.step += 1
 
     def grad_size(self, train_base):
         return sum(len(p.data) * len(p.data[0]) for p in self.trainable(train_base))
 
-    def add_delta(self):
-        return self.brain.model.add_delta()
-
     def score(self, windows):
         """-> one list of true-token probabilities per window."""
         return [target_probs(self.brain.model, [w]) for w in windows]
-
-    def to_bytes(self):
-        return self.brain.to_bytes()
 
 
 def _sum_slots(view, n, capacity, size):
@@ -2928,6 +2934,50 @@ def _sum_slots(view, n, capacity, size):
         total = list(map(operator.add, total, view[k * capacity:k * capacity + size].tolist()))
     return total
 
+
+@dataclass
+class WorkerSlot:
+    """What a worker process holds: its replica and its slot of the shared gradient array."""
+    view: memoryview
+    slot: int
+    capacity: int
+    seed: int
+    replica: Replica = None
+
+
+def op_load(w, raw):
+    w.replica = Replica(raw, w.seed + 7919 * w.slot)
+
+
+def op_grad(w, shard, weight, train_base, teach, beta):
+    loss, tokens, flat = w.replica.grad(shard, weight, train_base, teach, beta)
+    if len(flat) > w.capacity:
+        raise MacroError("gradient of %d floats exceeds the shared slot of %d" % (len(flat), w.capacity))
+    w.view[w.slot * w.capacity:w.slot * w.capacity + len(flat)] = flat
+    return loss, tokens
+
+
+def op_apply(w, n, lr, train_base):
+    w.replica.apply(_sum_slots(w.view, n, w.capacity, w.replica.grad_size(train_base)), lr, train_base)
+
+
+def op_add_delta(w):
+    w.replica.brain.model.add_delta()
+
+
+def op_score(w, windows):
+    return w.replica.score(windows)
+
+
+def op_to_bytes(w):
+    return w.replica.brain.to_bytes()
+
+
+def op_stop(w):
+    raise AssertionError("handled by the worker loop")
+
+
+WORKER_OPS = (op_load, op_grad, op_apply, op_add_delta, op_score, op_to_bytes, op_stop)
 
 TERMINAL_SIGNALS = [getattr(signal, n) for n in ("SIGINT", "SIGHUP") if hasattr(signal, n)]
 
@@ -2948,7 +2998,7 @@ def _terminal_signals_blocked():
 
 
 def _worker_main(conn, shared, slot, capacity, seed):
-    """A worker process: answer the coordinator's messages until told to stop or orphaned."""
+    """A worker process: run the ops the pool sends until told to stop or orphaned."""
     for sig in TERMINAL_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
@@ -2956,35 +3006,21 @@ def _worker_main(conn, shared, slot, capacity, seed):
     if hasattr(os, "nice"):
         os.nice(WORKER_NICE)
     parent = os.getppid()
-    view = memoryview(shared).cast("B").cast("d")
-    replica = None
+    w = WorkerSlot(memoryview(shared).cast("B").cast("d"), slot, capacity, seed)
     while True:
         if not conn.poll(1.0):
             if os.getppid() != parent:                 # the parent died (kill -9): leave with it
                 return
             continue
         try:
-            seq, kind, *args = conn.recv()
+            seq, op, *args = conn.recv()
         except (EOFError, OSError):
             return
-        if kind == "stop":
+        if op is op_stop:
             return
         try:
-            reply = None
-            if kind == "load":
-                replica = Replica(args[0], seed + 7919 * slot)
-            elif kind == "grad":
-                loss, tokens, flat = replica.grad(*args)
-                if len(flat) > capacity:
-                    raise MacroError("gradient of %d floats exceeds the shared slot of %d" % (len(flat), capacity))
-                view[slot * capacity:slot * capacity + len(flat)] = flat
-                reply = (loss, tokens)
-            elif kind == "apply":
-                n, lr, train_base = args
-                replica.apply(_sum_slots(view, n, capacity, replica.grad_size(train_base)), lr, train_base)
-            else:
-                reply = getattr(replica, kind)(*args)   # add_delta, score, to_bytes
-            answer = (seq, "ok", reply)
+            assert op in WORKER_OPS, op
+            answer = (seq, "ok", op(w, *args))
         except Exception as e:                         # the worker's boundary: report, stay alive
             answer = (seq, "error", "%s: %s" % (type(e).__name__, e))
         try:
@@ -3002,19 +3038,54 @@ class WorkerLost(Exception):
     """A worker died, hung, or failed a step."""
 
 
-class Workers:
-    """n worker processes that train one brain together; n = 0 runs a Replica in this process."""
+def _gather(conns, procs, seq, waiting):
+    """Wait for the answer to call `seq` of every worker in `waiting` -> {worker: value}.
+    An answer left over from a call cut short by a failure has another number and is dropped."""
+    replies, deadline = {}, time.monotonic() + WORKER_TIMEOUT
+    conn_index = {id(c): i for i, c in enumerate(conns)}
+    while len(replies) < len(waiting):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WorkerLost("a worker did not answer for %.0f s" % WORKER_TIMEOUT)
+        pending = [i for i in waiting if i not in replies]
+        for obj in multiprocessing.connection.wait([conns[i] for i in pending] + [procs[i].sentinel for i in pending],
+                                                   min(left, 1.0)):
+            i = conn_index.get(id(obj))
+            if i is None:                              # a process sentinel: that worker exited
+                i = [k for k in pending if procs[k].sentinel == obj][0]
+                if conns[i].poll():                    # it answered just before exiting
+                    continue
+                raise WorkerLost("worker %d exited (code %s)" % (i, procs[i].exitcode))
+            try:
+                got, status, value = conns[i].recv()
+            except (EOFError, OSError):
+                raise WorkerLost("worker %d died (code %s)" % (i, procs[i].exitcode))
+            if got != seq:
+                continue
+            if status != "ok":
+                raise WorkerLost("worker %d failed: %s" % (i, value))
+            replies[i] = value
+    return replies
+
+
+class Pool:
+    """n worker processes that train one brain together; n = 0 runs a Replica in this process.
+
+    The pool's `step` counts the optimizer steps its replicas have taken; it runs ahead of the
+    trainer's brain during a job and goes back to it when the trainer resets the pool.
+    """
 
     def __init__(self, n, seed=0):
         self.n, self.seed = n, seed
         self.procs, self.conns = [], []
         self.shared, self.capacity = None, 0
         self.local = None                          # the Replica when n = 0
-        self.loaded = False
-        self.restarts = 0
-        self.last_failure = None                   # what happened, for /status
-        self.closed = False
+        self.synced, self.step = False, 0          # whether the replicas hold the brain (plus `step`)
+        self.restarts, self.last_failure = 0, None  # for /status
+        self.failures = []                         # worker failures of the last job, for the event log
         self.seq = 0                               # numbers the calls
+        self.stopping = threading.Event()
+        self._thread = None
 
     # -- processes -------------------------------------------------------------------------
     def _start(self, capacity):
@@ -3035,7 +3106,7 @@ class Workers:
     def _stop(self):
         for conn in self.conns:
             try:
-                conn.send((0, "stop"))
+                conn.send((0, op_stop))
             except OSError:
                 pass
         deadline = time.monotonic() + 1.0
@@ -3050,153 +3121,107 @@ class Workers:
 
     def close(self):
         """Stop every worker; returns within about two seconds whatever they are doing."""
-        self.closed = True
         self._stop()
 
     def _call(self, messages):
-        """Send messages[i] to worker i (None: skip) and wait for every answer -> replies.
-
-        Each call has its own number, so an answer left over from a call cut short by a failure
-        is recognised and dropped."""
+        """Send messages[i] (an op and its arguments) to worker i (None: skip) -> their answers."""
         self.seq += 1
-        waiting = {}
-        for i, msg in enumerate(messages):
-            if msg is not None:
-                try:
-                    self.conns[i].send((self.seq,) + msg)
-                except OSError:
-                    raise WorkerLost("worker %d is gone" % i)
-                waiting[i] = None
-        replies = {}
-        deadline = time.monotonic() + WORKER_TIMEOUT
-        conn_index = {id(c): i for i, c in enumerate(self.conns)}
-        while len(replies) < len(waiting):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerLost("a worker did not answer for %.0f s" % WORKER_TIMEOUT)
-            ready = multiprocessing.connection.wait([self.conns[i] for i in waiting if i not in replies]
-                                                    + [self.procs[i].sentinel for i in waiting if i not in replies],
-                                                    min(left, 1.0))
-            for obj in ready:
-                i = conn_index.get(id(obj))
-                if i is None:                          # a process sentinel: that worker exited
-                    i = [k for k in waiting if self.procs[k].sentinel == obj][0]
-                    if self.conns[i].poll():           # it answered just before exiting
-                        continue
-                    raise WorkerLost("worker %d exited (code %s)" % (i, self.procs[i].exitcode))
-                try:
-                    seq, status, value = self.conns[i].recv()
-                except (EOFError, OSError):
-                    raise WorkerLost("worker %d died (code %s)" % (i, self.procs[i].exitcode))
-                if seq != self.seq:
-                    continue
-                if status != "ok":
-                    raise WorkerLost("worker %d failed: %s" % (i, value))
-                replies[i] = value
+        waiting = [i for i, msg in enumerate(messages) if msg is not None]
+        for i in waiting:
+            try:
+                self.conns[i].send((self.seq,) + messages[i])
+            except OSError:
+                raise WorkerLost("worker %d is gone" % i)
+        replies = _gather(self.conns, self.procs, self.seq, waiting)
         return [replies.get(i) for i in range(len(messages))]
 
-    # -- what the trainer asks ---------------------------------------------------------------
-    def load(self, raw, n_params):
-        """Give every worker this brain (checkpoint bytes)."""
+    def _each(self, op, *args):
+        """The same op on every replica -> the first one's answer."""
+        if self.n == 0:
+            return op(WorkerSlot(None, 0, 0, self.seed, self.local), *args)
+        return self._call([(op,) + args] * self.n)[0]
+
+    # -- what the trainer asks -------------------------------------------------------------
+    def load(self, brain):
+        """Give every worker this brain."""
+        raw, n_params = brain.to_bytes(), brain.model.num_params()
         if self.n == 0:
             self.local = Replica(raw, self.seed)
         else:
             if not self.procs or n_params > self.capacity:
                 self._start(int(n_params * 1.25) + 1024)   # room for some growth before a restart
-            self._call([("load", raw)] * self.n)
-        self.loaded = True
+            self._call([(op_load, raw)] * self.n)
+        self.synced, self.step = True, brain.step
 
-    def step(self, batch, lr, train_base, teach=None, beta=0.0):
-        """One data-parallel step on the batch (windows of equal length), with teacher rows per
-        window if teach is given (Replica.grad) -> (mean loss, tokens)."""
+    def reset(self, brain):
+        """The brain changed outside (or a job was rolled back): reload it before the next job."""
+        self.synced, self.step = False, brain.step
+
+    def train_step(self, batch, lr, train_base, teach=None, beta=0.0):
+        """One data-parallel optimizer step on the batch (windows of equal length), with teacher
+        rows per window if teach is given (Replica.grad) -> (mean loss, tokens)."""
         if self.n == 0:
             loss, tokens, flat = self.local.grad(batch, 1.0, train_base, teach, beta)
             self.local.apply(flat, lr, train_base)
-            return loss, tokens
-        shards = [batch[k::self.n] for k in range(self.n)]
-        active = [s for s in shards if s]
-        total = sum(len(s) - 1 for s in batch)
-        replies = self._call([("grad", s, sum(len(w) - 1 for w in s) / total, train_base,
-                               teach and teach[k::self.n], beta) if s else None
-                              for k, s in enumerate(shards)])
-        self._call([("apply", len(active), lr, train_base)] * self.n)
-        loss = sum(r[0] * r[1] for r in replies if r) / total
-        return loss, total
+        else:
+            shards = [batch[k::self.n] for k in range(self.n)]
+            tokens = sum(len(s) - 1 for s in batch)
+            replies = self._call([(op_grad, s, sum(len(w) - 1 for w in s) / tokens, train_base,
+                                   teach and teach[k::self.n], beta) if s else None
+                                  for k, s in enumerate(shards)])
+            self._call([(op_apply, sum(1 for s in shards if s), lr, train_base)] * self.n)
+            loss = sum(r[0] * r[1] for r in replies if r) / tokens
+        self.step += 1
+        return loss, tokens
 
-    def ask(self, kind, *args):
-        """A question every replica answers alike (add_delta) or one answers (score, to_bytes)."""
+    def score(self, windows):
+        """The replicas' probability of every true next token of the windows, in order; the
+        windows are split among the workers (scoring is slow too)."""
         if self.n == 0:
-            return getattr(self.local, kind)(*args)
-        if kind == "score":                            # split the windows: scoring is slow too
-            windows = args[0]
-            parts = self._call([("score", windows[k::self.n]) if windows[k::self.n] else None
-                                for k in range(self.n)])
-            per_window = [None] * len(windows)
-            for k, part in enumerate(parts):
-                for j, probs in enumerate(part or []):
-                    per_window[k + j * self.n] = probs
-            return per_window
-        if kind == "to_bytes":
-            return self._call([("to_bytes",)] + [None] * (self.n - 1))[0]
-        return self._call([(kind,) + args] * self.n)[0]
+            return [p for w in self.local.score(windows) for p in w]
+        parts = self._call([(op_score, windows[k::self.n]) if windows[k::self.n] else None
+                            for k in range(self.n)])
+        per_window = [None] * len(windows)
+        for k, part in enumerate(parts):
+            for j, probs in enumerate(part or []):
+                per_window[k + j * self.n] = probs
+        return [p for w in per_window for p in w]
 
-    def note(self):
-        return "workers: %d, restarted %d times (last: %s)" % (self.n, self.restarts, self.last_failure)
+    def pull(self):
+        """The replicas' state as checkpoint bytes."""
+        return self._each(op_to_bytes)
+
+    def add_delta(self):
+        self._each(op_add_delta)
 
     def recover(self, fallback, reason):
-        """After WorkerLost: reload every worker from a survivor's weights, else from `fallback`
-        (checkpoint bytes) -> the step of the state reloaded."""
+        """After WorkerLost: reload every worker from a survivor's weights, else from the brain
+        `fallback`; the pool's step becomes that of the state reloaded."""
         self.restarts += 1
         self.last_failure = reason
+        self.failures.append(reason)
         raw = None
         for i, p in enumerate(self.procs):
             if p.is_alive():
                 try:
-                    raw = self._call([("to_bytes",) if k == i else None for k in range(self.n)])[i]
+                    raw = self._call([(op_to_bytes,) if k == i else None for k in range(self.n)])[i]
                     break
                 except WorkerLost:
                     continue
-        raw = raw or fallback
         self._stop()
-        brain = Brain.from_bytes(raw)
-        self.load(raw, brain.model.num_params())
-        return brain.step
+        self.load(Brain.from_bytes(raw) if raw else fallback)
 
+    def take_failures(self):
+        failures, self.failures = self.failures, []
+        return failures
 
-# ======================================================================================
-# Learner: training jobs on the workers, run in a thread beside the event loop.
-# ======================================================================================
-# A job (a few seconds to a minute of steps) runs in a thread that talks to the workers,
-# so the event loop, and the prompt, never wait for it. The learner holds the accepted
-# brain, the one the voice uses and the checkpoint stores, and keeps the workers in step
-# with it: they are loaded again only after it changed here (BPE growth, a new delta, a
-# rollback), and during warmup they run ahead of it until the next adopt.
+    def note(self):
+        return "workers: %d, restarted %d times (last: %s)" % (self.n, self.restarts, self.last_failure)
 
-@dataclass
-class JobResult:
-    losses: list                          # training loss of each step (nats)
-    tokens: int
-    seconds: float
-
-
-class Learner:
-    def __init__(self, cfg, brain, workers, seed=0):
-        self.cfg, self.brain, self.workers, self.seed = cfg, brain, workers, seed
-        self.rng = random.Random(seed + brain.step)     # windows and delta growth
-        self.live_step = brain.step           # the workers' step
-        self.synced = False                   # whether the workers hold brain (plus live steps)
-        self.failures = []                    # worker failures in the last job, for the event log
-        self.stopping = threading.Event()
-        self._thread = None
-
-    def changed(self):
-        """The brain changed here (or a job was rolled back): the workers load it before the next job."""
-        self.synced = False
-        self.live_step = self.brain.step
-
-    async def _beside(self, fn, *args):
+    # -- beside the event loop -------------------------------------------------------------
+    async def beside(self, fn, *args):
         """fn(*args) in a thread (inline when the workers are this process) -> its result."""
-        if self.workers.n == 0:
+        if self.n == 0:
             return fn(*args)
         loop = asyncio.get_event_loop()
         fut = loop.create_future()
@@ -3218,103 +3243,13 @@ class Learner:
         self._thread.start()
         return await fut
 
-    # -- in the job thread ---------------------------------------------------------------------
-    def _load(self):
-        if not self.synced:
-            self.workers.load(self.brain.to_bytes(), self.brain.model.num_params())
-            self.live_step, self.synced = self.brain.step, True
-
-    def _recover(self, error):
-        """A worker was lost: go on from a survivor's weights; a third loss in a job gives up."""
-        self.failures.append(str(error))
-        if len(self.failures) > 2:
-            raise error
-        self.live_step = self.workers.recover(self.brain.to_bytes(), str(error))
-
-    def _ask(self, kind, *args):
-        self._load()
-        try:
-            return self.workers.ask(kind, *args)
-        except WorkerLost as e:
-            self._recover(e)
-            return self.workers.ask(kind, *args)
-
-    def plan(self, stream, steps, recent_from=None):
-        """The start offsets of each step's windows, drawn before the job so the corpus can
-        prepare their teacher rows."""
-        cfg = self.cfg
-        return [sample_starts(len(stream), cfg.batch_size, cfg.seq_len, self.rng, recent_from) for _ in range(steps)]
-
-    def _train(self, stream, batches, teach, train_base, seconds, cycle=False):
-        cfg, t0, losses, tokens = self.cfg, time.perf_counter(), [], 0
-        length = min(cfg.seq_len, len(stream) - 1)
-        self._load()
-        while len(losses) < len(batches) and not self.stopping.is_set():
-            batch = [stream[s:s + length + 1] for s in batches[len(losses)]]
-            rows = teach[len(losses)] if teach else None
-            try:
-                lr = (idle_lr_at(self.live_step, len(losses), len(batches), cfg) if cycle
-                      else lr_at(self.live_step, cfg))
-                loss, k = self.workers.step(batch, lr, train_base, rows, cfg.distill_beta)
-            except WorkerLost as e:
-                self._recover(e)
-                continue
-            self.live_step += 1
-            losses.append(loss)
-            tokens += k
-            if seconds is not None and time.perf_counter() - t0 >= seconds:
-                break
-        return JobResult(losses, tokens, time.perf_counter() - t0)
-
-    def _pull(self):
-        pulled = Brain.from_bytes(self._ask("to_bytes"), self.cfg, self.seed)    # about 0.1 s
-        pulled.progress, pulled.tok = self.brain.progress, self.brain.tok     # ours, not the copy's
-        return pulled
-
-    # -- what the trainer awaits ---------------------------------------------------------------
-    async def train(self, stream, batches, teach, train_base, seconds=None, cycle=False):
-        """A step per batch of start offsets into the stream (plan), until `seconds` if given ->
-        the worker failures met. teach: Corpus.teach's rows for the batches, or None. With cycle,
-        the learning rate follows idle_lr_at across the steps."""
-        result = await self._beside(self._train, stream, batches, teach, train_base, seconds, cycle)
-        p = self.brain.progress
-        p.loss = sum(result.losses) / max(1, len(result.losses))
-        p.tokens_per_s = result.tokens / max(1e-9, result.seconds)
-        return self.take_failures()
-
-    def take_failures(self):
-        failures, self.failures = self.failures, []
-        return failures
-
-    async def score(self, windows):
-        """The workers' probability of every true next token of the windows, in order."""
-        per_window = await self._beside(self._ask, "score", windows)
-        return [p for w in per_window for p in w]
-
-    async def add_delta(self):
-        await self._beside(self._ask, "add_delta")
-
-    async def adopt(self):
-        """The workers' state becomes the accepted brain."""
-        self.brain = await self._beside(self._pull)
-        self.live_step = self.brain.step
-
-    def shutdown(self, wait=2.0):
-        """Stop after the step in flight; keep warmup steps taken since the last adopt if possible.
-
-        After warmup the workers' steps since the last adopt belong to a burst or an idle phase
-        that the held-out text has not judged, so they are dropped.
-        """
+    def stop(self, wait=2.0):
+        """Stop after the step in flight -> whether the job thread has finished."""
         self.stopping.set()
         if self._thread is not None:
             self._thread.join(wait)
-            if self._thread.is_alive():
-                return
-        if self.synced and self.live_step > self.brain.step and not self.brain.progress.warmup_done:
-            try:
-                self.brain = self._pull()
-            except WorkerLost:
-                pass
+            return not self._thread.is_alive()
+        return True
 
 
 # ======================================================================================
@@ -3332,6 +3267,8 @@ class Learner:
 # (one phase worse is often noise), and only the third in a row sends them back to the best.
 # Then the trainer rests and tries again as patiently: the best is the luckiest of many noisy
 # phases, so a single phase from it rarely beats it (measured: 35 minutes of rest in an hour).
+# The trainer owns the accepted brain (the one the voice uses and the checkpoint stores) and
+# is the only writer of its Progress.
 
 WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before the trainer looks up
 IDLE_PATIENCE = 3                         # idle phases rolled back in a row before the trainer rests
@@ -3346,40 +3283,90 @@ def growth_row(brain, step, note):
                 heldout_bpb=h and h.mix_bpb, network_bpb=h and h.model_bpb, field_bpb=h and h.field_bpb)
 
 
+def run_job(pool, brain, cfg, stream, batches, teach, train_base, seconds=None, cycle=False):
+    """In the job thread: a step per batch of start offsets into the stream, until `seconds` if
+    given -> (losses, tokens, seconds). With cycle the learning rate follows idle_lr_at across
+    the steps. A lost worker is replaced from a survivor; a third loss in a job gives up."""
+    t0, losses, tokens = time.perf_counter(), [], 0
+    length = min(cfg.seq_len, len(stream) - 1)
+    if not pool.synced:
+        pool.load(brain)
+    while len(losses) < len(batches) and not pool.stopping.is_set():
+        batch = [stream[s:s + length + 1] for s in batches[len(losses)]]
+        lr = idle_lr_at(pool.step, len(losses), len(batches), cfg) if cycle else lr_at(pool.step, cfg)
+        try:
+            loss, k = pool.train_step(batch, lr, train_base, teach[len(losses)] if teach else None, cfg.distill_beta)
+        except WorkerLost as e:
+            if len(pool.failures) >= 2:
+                raise
+            pool.recover(brain, str(e))
+            continue
+        losses.append(loss)
+        tokens += k
+        if seconds is not None and time.perf_counter() - t0 >= seconds:
+            break
+    return losses, tokens, time.perf_counter() - t0
+
+
+def pool_ask(pool, brain, method, *args):
+    """In the job thread: a pool method after loading the brain if needed, once more after a loss."""
+    for tries in (1, 2):
+        try:
+            if not pool.synced:
+                pool.load(brain)
+            return method(*args)
+        except WorkerLost as e:
+            if tries == 2:
+                raise
+            pool.recover(brain, str(e))
+
+
 class Trainer:
-    def __init__(self, cfg, corpus, memory, learner, ckpt_path=None, now=time.time):
-        self.cfg, self.corpus, self.memory, self.learner = cfg, corpus, memory, learner
-        self.ckpt_path, self.now = ckpt_path, now
+    def __init__(self, cfg, corpus, memory, brain, pool, ckpt_path=None, now=time.time, seed=0):
+        self.cfg, self.corpus, self.memory, self.brain, self.pool = cfg, corpus, memory, brain, pool
+        self.ckpt_path, self.now, self.seed = ckpt_path, now, seed
+        self.rng = random.Random(seed + brain.step)      # windows and delta growth
         self.status, self.idle_rejects = "idle", 0       # idle_rejects: idle phases rolled back in a row
         self.plateaus = 0                                # times idle_rejects reached IDLE_PATIENCE in a row
         self.last_burst = self.last_save = self.idle_after = now()
-
-    @property
-    def brain(self):
-        return self.learner.brain
+        pool.reset(brain)
 
     @property
     def step(self):
-        return self.learner.live_step
+        """The optimizer steps the workers have taken (ahead of the brain's during a job)."""
+        return self.pool.step
 
     def shutdown(self):
-        self.learner.shutdown()
-        self.log_failures(self.learner.take_failures())
+        """Stop the job in flight; keep the warmup steps taken since the last adopt if possible.
+        After warmup those steps belong to a burst or idle phase not yet judged: they are dropped."""
+        if (self.pool.stop() and self.pool.synced and self.pool.step > self.brain.step
+                and not self.brain.progress.warmup_done):
+            try:
+                self.brain.take_weights(Brain.from_bytes(self.pool.pull(), self.cfg, self.seed))
+            except WorkerLost:
+                pass
+        self.log_failures()
 
     def health(self):
         """A line for /status once workers were lost and replaced, else ''."""
-        return self.learner.workers.note() if self.learner.workers.restarts else ""
+        return self.pool.note() if self.pool.restarts else ""
 
     async def job(self, steps, train_base, recent_from=None, seconds=None, cycle=False):
         """Train up to `steps` steps (or about `seconds`) on the living corpus."""
-        stream = self.corpus.stream()
+        cfg, stream = self.cfg, self.corpus.stream()
         if seconds is not None:
             steps = min(steps, self.steps_in(seconds))
-        batches = self.learner.plan(stream, steps, recent_from)
-        teach = None
-        if self.cfg.distill_beta:
-            teach = await self.corpus.teach(stream, batches, self.cfg.seq_len)
-        self.log_failures(await self.learner.train(stream, batches, teach, train_base, seconds, cycle))
+        batches = [sample_starts(len(stream), cfg.batch_size, cfg.seq_len, self.rng, recent_from)
+                   for _ in range(steps)]
+        teach = await self.corpus.teach(stream, batches, cfg.seq_len) if cfg.distill_beta else None
+        try:
+            losses, tokens, spent = await self.pool.beside(run_job, self.pool, self.brain, cfg, stream, batches,
+                                                           teach, train_base, seconds, cycle)
+        finally:
+            self.log_failures()
+        p = self.brain.progress
+        p.loss = sum(losses) / max(1, len(losses))
+        p.tokens_per_s = tokens / max(1e-9, spent)
 
     def steps_in(self, seconds):
         """Steps the last job's speed fits in `seconds`, with room to spare (the job stops at
@@ -3389,19 +3376,23 @@ class Trainer:
             return 4
         return max(1, int(1.5 * seconds * tps / (cfg.batch_size * cfg.seq_len)) + 1)
 
-    def log_failures(self, failures):
-        for failure in failures:
+    def log_failures(self):
+        for failure in self.pool.take_failures():
             self.memory.log_event("worker", "%s; workers restarted, training goes on" % failure)
 
     async def _evidence(self):
         windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
-        return self.corpus.evidence(await self.learner.score(windows))
+        return self.corpus.evidence(await self.pool.beside(pool_ask, self.pool, self.brain, self.pool.score, windows))
 
-    async def measure(self, note):
-        """The workers' state becomes the reference of the voice (lambda) and of the forget guard."""
-        h, p = await self._evidence(), self.brain.progress
-        p.heldout, p.lam, p.best_nll = h, h.lam, h.nll
-        self.log_growth(note)
+    async def adopt(self):
+        """The workers' state becomes the accepted brain."""
+        raw = await self.pool.beside(pool_ask, self.pool, self.brain, self.pool.pull)
+        self.brain.take_weights(Brain.from_bytes(raw, self.cfg, self.seed))      # about 0.1 s
+
+    def accept(self, h, best=None):
+        """Held-out figures h become the reference of the voice (lambda) and of the forget guard."""
+        p = self.brain.progress
+        p.heldout, p.lam, p.best_nll = h, h.lam, h.nll if best is None else min(best, h.nll)
 
     async def judge(self, label, tolerance, train_on=False):
         """Keep the workers' new state if held-out loss is at most `tolerance` above the best -> kept.
@@ -3413,30 +3404,37 @@ class Trainer:
         change = (h.nll - best) / max(best, 1e-12) if best else 0.0
         kept = change <= tolerance
         if kept:
-            await self.learner.adopt()
-            p = self.brain.progress
-            p.heldout, p.lam, p.best_nll = h, h.lam, min(best or h.nll, h.nll)
+            await self.adopt()
+            self.accept(h, best)
         elif not train_on:
-            self.learner.changed()                     # the workers go back to the accepted brain
+            self.pool.reset(self.brain)                # the workers go back to the accepted brain
         self.log_growth("%s%s: held-out loss %+.1f%% vs the best" % ("" if kept else "rejected ", label, 100 * change))
         self.save()
         return kept
 
-    def update_tokenizer(self):
-        """Retrain BPE if the corpus grew enough and grow the model's rows -> whether ids were added."""
-        added = self.corpus.update_tokenizer(self.brain.progress)
+    def grow_tokenizer(self):
+        """Retrain BPE if the corpus grew enough -> whether ids were added."""
+        corpus, p = self.corpus, self.brain.progress
+        merges = bpe_merges_due(self.cfg, corpus.n_bytes, p.bpe_chars)
+        if not merges:
+            return False
+        added = self.brain.grow_tokenizer(corpus.training_lines(), merges)
+        p.bpe_chars = corpus.n_bytes
         if added:
-            self.brain.model.grow_vocab(self.brain.tok.vocab_size)
-            self.learner.changed()
+            corpus.reencode()
+            self.memory.log_event("bpe", "added %d merges; vocab %d" % (len(added), self.brain.tok.vocab_size))
+            self.pool.reset(self.brain)
         return bool(added)
 
-    async def grow_tokenizer(self):
-        if (self.corpus.bpe_due(self.brain.progress.bpe_chars) and self.learner.live_step != self.brain.step
-                and not self.brain.progress.warmup_done):
-            await self.learner.adopt()                 # keep the warmup steps the workers took
-        grew = self.update_tokenizer()
-        if grew and self.brain.progress.warmup_done:          # the held-out bar must be measured again
-            await self.measure("vocabulary grew to %d" % self.brain.tok.vocab_size)
+    async def tokenizer_tick(self):
+        p = self.brain.progress
+        if (bpe_merges_due(self.cfg, self.corpus.n_bytes, p.bpe_chars) and self.pool.step != self.brain.step
+                and not p.warmup_done):
+            await self.adopt()                         # keep the warmup steps the workers took
+        grew = self.grow_tokenizer()
+        if grew and p.warmup_done:                     # the held-out bar must be measured again
+            self.accept(await self._evidence())
+            self.log_growth("vocabulary grew to %d" % self.brain.tok.vocab_size)
         return grew
 
     async def warmup(self):
@@ -3446,13 +3444,14 @@ class Trainer:
         done = self.step >= cfg.warmup_steps
         if not done and self.now() - self.last_save < cfg.checkpoint_every_seconds:
             return
-        await self.learner.adopt()
+        await self.adopt()
         if done:
-            await self.measure("warmup done")
+            self.accept(await self._evidence())
             self.brain.progress.warmup_done = True
+            self.log_growth("warmup done")
             if cfg.freeze_base_after_warmup:
                 self.brain.model.add_delta()           # bursts need something to train
-                self.learner.changed()
+                self.pool.reset(self.brain)
         else:
             self.log_growth("warmup")
         self.save()
@@ -3467,20 +3466,18 @@ class Trainer:
         """Train the deltas on the new material; keep it only if the held-out slice allows."""
         cfg = self.cfg
         self.status = "burst"
-        mark = self.memory.corpus_mark()
-        recent = self.corpus.stream_offset(self.memory.get_state("burst_mark", 0))
-        self.corpus.take_pending()
+        recent, mark = self.corpus.take_pending()
         self.last_burst = self.now()
         if self.idle_rejects:                          # the workers may hold an idle state not kept
-            self.learner.changed()
+            self.pool.reset(self.brain)
             self.idle_rejects = 0
-        grow = self.learner.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
+        grow = self.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
         if grow:
-            await self.learner.add_delta()
+            await self.pool.beside(pool_ask, self.pool, self.brain, self.pool.add_delta)
         await self.job(cfg.micro_steps, not cfg.freeze_base_after_warmup, recent_from=recent)
         self.brain.progress.bursts += 1
         kept = await self.judge("burst +delta" if grow else "burst", cfg.forget_tolerance)
-        self.memory.set_state("burst_mark", mark)     # kept or rolled back, this material is done
+        self.corpus.mark_learned(mark)                 # kept or rolled back, this material is done
         return kept
 
     async def idle(self):
@@ -3503,12 +3500,13 @@ class Trainer:
 
     async def tick(self):
         """One unit of work -> True if something was done."""
-        if await self.grow_tokenizer():
+        if await self.tokenizer_tick():
             return True
         if not self.brain.progress.warmup_done:
             await self.warmup()
         elif self.brain.progress.best_nll is None:            # imported, or from an older checkpoint
-            await self.measure("measured")
+            self.accept(await self._evidence())
+            self.log_growth("measured")
         elif self.burst_due():
             await self.burst()
         elif self.cfg.idle_training and self.now() >= self.idle_after:
@@ -3559,7 +3557,32 @@ async def train_forever(trainer, log):
 FALLBACK_REPLY = "I have no words for that yet."
 SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
 HISTORY_MESSAGES = 6                       # earlier messages that go into the prompt
+REMEMBERED_MESSAGES = 3                    # stored user messages retrieved for each reply
 LOCAL_FIELD_WEIGHT = 0.5                   # share of the recalled answers in the field's voice
+POINTER_WEIGHTS = (0.0, 0.0, 0.6, 0.8, 0.9)  # the pointer's share after a match of n tokens (n >= 4: last)
+
+
+def pointer_probs(memory_lines, tail, vocab_size):
+    """The pointer: where the last tokens of the reply occur in the remembered lines, the
+    tokens that followed them there -> (probabilities, the pointer's share of the voice).
+
+    memory_lines: [(weight, token ids)], the best remembered line weighing most. The longest
+    match of the reply's last n tokens (2 <= n <= 4) wins; its followers are counted by their
+    lines' weights. A single shared token copies nothing: one word in common is not a recollection.
+    [(1, [7, 8, 9, 5])], tail [.., 7, 8] -> {9: 1.0}, share POINTER_WEIGHTS[2]
+    """
+    for n in range(min(len(POINTER_WEIGHTS) - 1, len(tail)), 1, -1):
+        key, followers = tail[-n:], Counter()
+        for weight, ids in memory_lines:
+            for j in range(n, len(ids)):
+                if ids[j - n:j] == key:
+                    followers[ids[j]] += weight
+        if followers:
+            probs, total = [0.0] * vocab_size, sum(followers.values())
+            for t, c in followers.items():
+                probs[t] = c / total
+            return probs, POINTER_WEIGHTS[n]
+    return None, 0.0
 
 
 def clean_reply(text, finished):
@@ -3589,20 +3612,27 @@ class Voice:
     def settings(self, cfg):
         self.cfg = self.sampler.s = cfg
 
-    def prompt_ids(self, tok, history, user_text):
-        """The conversation as the corpus stream: lines ending in EOS, then 'A:' to continue."""
-        ids = [EOS]
-        for role, text in history + [("user", user_text)]:
-            ids.extend(tok.encode(format_turn(role, text)) + [EOS])
-        ids.extend(tok.encode("A:"))
-        keep = self.cfg.block_size - self.cfg.max_gen_tokens // 2
-        return ids[-max(8, keep):]
+    def prompt_ids(self, tok, history, user_text, remembered=()):
+        """What the network reads: the remembered messages, then the conversation as the corpus
+        stream (lines ending in EOS), then 'A:' to continue. The remembered lines and the
+        message always fit; the history fills what room is left, newest first."""
+        room = max(8, self.cfg.block_size - self.cfg.max_gen_tokens // 2)
+        head = [EOS] + [t for text in remembered for t in tok.encode(format_turn("user", text)) + [EOS]]
+        tail = tok.encode(format_turn("user", user_text)) + [EOS] + tok.encode("A:")
+        lines = []
+        for role, text in reversed(history):
+            line = tok.encode(format_turn(role, text)) + [EOS]
+            if len(head) + len(tail) + len(line) + sum(map(len, lines)) > room:
+                break
+            lines.insert(0, line)
+        return (head + [t for line in lines for t in line] + tail)[-room:]
 
-    def reply(self, brain, corpus, history, user_text, attempts=4):
+    def reply(self, brain, corpus, history, user_text, remembered=(), attempts=4):
         """A non-empty reply that does not repeat one of the recent ones (when avoidable).
 
         The corpus gives the field, the answers Recall finds for the message (a small local
-        field), and the Lexicon; the brain gives the network and lambda.
+        field), and the Lexicon; the brain gives the network and lambda; `remembered` are the
+        stored messages retrieved for this one, read by the network and the pointer.
         """
         field, local = corpus.field, None
         recalled = corpus.recall.answers_for(user_text)
@@ -3613,14 +3643,16 @@ class Voice:
         said = {text for role, text in history if role == "assistant"}
         text = ""
         for _ in range(attempts):
-            text = self.generate(brain, field, brain.progress.lam, history, user_text, local, corpus.lexicon) or text
+            text = self.generate(brain, field, brain.progress.lam, history, user_text, local, corpus.lexicon,
+                                 remembered) or text
             if text and text not in said:
                 return text
         return text or FALLBACK_REPLY
 
-    def generate(self, brain, field, lam, history, user_text, local=None, lexicon=None):
+    def generate(self, brain, field, lam, history, user_text, local=None, lexicon=None, remembered=()):
         cfg, tok, model = self.cfg, brain.tok, brain.model
-        prompt = self.prompt_ids(tok, history, user_text)
+        prompt = self.prompt_ids(tok, history, user_text, remembered)
+        memory_lines = [(0.5 ** k, [EOS] + tok.encode(text) + [EOS]) for k, text in enumerate(remembered)]
         line = tok.encode("A:")                          # the field sees only the current line
         use_model = lam > 0
         if use_model:
@@ -3635,6 +3667,9 @@ class Voice:
                 p = mix(local.probs(line), p, LOCAL_FIELD_WEIGHT)
             if use_model:
                 p = mix(softmax(logits), p, lam)
+            copy, share = pointer_probs(memory_lines, line, len(p))
+            if copy is not None:
+                p = mix(copy, p, share)
             p[BOS] = p[PAD] = 0.0
             if len(out) < 2:
                 p[EOS] = 0.0                             # say something before stopping
@@ -3812,7 +3847,7 @@ def file_digest(lines):
 
 
 class Session:
-    def __init__(self, cfg, corpus_path, db_path, ckpt_path, seed=0, workers=None):
+    def __init__(self, cfg, corpus_path, db_path, ckpt_path, seed=0, pool=None):
         seed_lines = read_corpus_file(corpus_path)             # errors before anything is written
         train_lines, heldout = split_heldout(seed_lines, cfg.heldout_every)
         if not train_lines:
@@ -3826,9 +3861,8 @@ class Session:
                 self.memory.set_state("seed_digest", seed_key)
             self.cfg = cfg = self.apply_saved_settings(cfg)
             self.corpus = Corpus(cfg, self.memory, brain.tok, heldout, seed)
-            learner = Learner(cfg, brain, workers or Workers(0, seed), seed)
-            self.trainer = Trainer(cfg, self.corpus, self.memory, learner, ckpt_path)
-            self.trainer.update_tokenizer()                   # the tokenizer is ready from the first reply
+            self.trainer = Trainer(cfg, self.corpus, self.memory, brain, pool or Pool(0, seed), ckpt_path, seed=seed)
+            self.trainer.grow_tokenizer()                     # the tokenizer is ready from the first reply
             self.voice = Voice(cfg, seed + self.memory.message_count())   # restarts do not replay replies
         except BaseException:
             self.memory.close()
@@ -3849,10 +3883,11 @@ class Session:
 
     def respond(self, text):
         """Store the message, generate, store the reply, then learn from the turn -> reply."""
-        self.memory.add_message("user", text)
+        i = self.memory.add_message("user", text)
         history = self.memory.recent_messages(HISTORY_MESSAGES + 1)[:-1]
+        remembered = [t for _, t in self.memory.search_messages(text, REMEMBERED_MESSAGES, before=i)]
         self.corpus.lexicon.add(text)                          # words you use are words it may use
-        reply = self.voice.reply(self.brain, self.corpus, history, text)
+        reply = self.voice.reply(self.brain, self.corpus, history, text, remembered)
         self.memory.add_message("assistant", reply)
         self.corpus.add([format_turn("user", text), format_turn("assistant", reply)], "chat")
         return reply
@@ -3893,8 +3928,7 @@ class Session:
         b, cfg, p = self.brain, self.cfg, self.brain.progress
         tps, step = p.tokens_per_s, self.trainer.step
         if not p.warmup_done:
-            left = max(0, cfg.warmup_steps - step)
-            eta = left * cfg.batch_size * cfg.seq_len / tps if tps else None
+            eta = warmup_eta(p, cfg, step)
             phase = "warmup step %d/%d | eta %s" % (step, cfg.warmup_steps, format_duration(eta))
         else:
             phase = "warmup done | step %d | bursts %d | idle phases %d | %d rolled back" % (
@@ -3940,11 +3974,15 @@ def warmup_percent(step, cfg):
     return min(100, int(100 * step / max(1, cfg.warmup_steps)))
 
 
+def warmup_eta(progress, cfg, step):
+    """Seconds of warmup left at the last job's speed (None: unknown or done)."""
+    tps, left = progress.tokens_per_s, max(0, cfg.warmup_steps - step)
+    return left * cfg.batch_size * cfg.seq_len / tps if tps and left else None
+
+
 def progress_line(progress, cfg, step):
     """`[warmup 34% | step 410/1200 | eta 12m03s | held-out -]` from a Brain's Progress."""
-    tps = progress.tokens_per_s
-    left = max(0, cfg.warmup_steps - step)
-    eta = left * cfg.batch_size * cfg.seq_len / tps if tps and left else None
+    eta = warmup_eta(progress, cfg, step)
     h = progress.heldout
     held = "%.2f bits/byte" % h.mix_bpb if h else "-"
     return "[warmup %d%% | step %d/%d | eta %s | held-out %s]" % (
@@ -4200,16 +4238,10 @@ def brain_for_reading(cfg, corpus_path, ckpt_path, seed=0):
     brain = Brain.load_or_fresh(ckpt_path, cfg, seed)
     if brain.tok.vocab_size == N_BASE_VOCAB:
         train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
-        train_first_tokenizer(brain.tok, cfg, train)
-        brain.model.grow_vocab(brain.tok.vocab_size)
+        merges = bpe_merges_due(cfg, sum(len(text_to_bytes(l)) for l in train), 0)
+        if merges:
+            brain.grow_tokenizer(train, merges)
     return brain
-
-
-def train_first_tokenizer(tok, cfg, train_lines):
-    """The merges a first run learns from the seed's training lines (none below the threshold)."""
-    if sum(len(text_to_bytes(l)) for l in train_lines) >= cfg.enable_bpe_after_chars:
-        tok.train(train_lines, cfg.bpe_num_merges)
-    return tok
 
 
 def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_progress=False):
@@ -4844,10 +4876,11 @@ def _fill_model(model, tensors, tied_hf, where):
 def brain_from_hf(hf_dir, cfg, seed=0):
     """A Brain from a Hugging Face Llama directory, ready for the organism to go on living.
 
-    The model arrives merged (no deltas) and counts as warmed up: the base is frozen and one
-    empty delta appended, exactly as after warmup, so the organism continues with bursts and
-    never retrains the base it was given. lambda starts at 0 (the weights may have changed
-    elsewhere, so old evidence is void) until the first burst measures the held-out slice.
+    The model arrives merged (no deltas) and counts as warmed up: one empty delta is appended,
+    exactly as after warmup, so the organism continues with bursts on deltas over the base it
+    was given (idle rehearsal trains the base, judged like any phase). lambda starts at 0 (the
+    weights may have changed elsewhere, so old evidence is void) until the trainer measures the
+    held-out slice.
     """
     hf = _read_json(os.path.join(hf_dir, "config.json"))
     check_hf_config(hf, cfg, hf_dir)
@@ -4858,11 +4891,9 @@ def brain_from_hf(hf_dir, cfg, seed=0):
     _fill_model(model, read_hf_weights(hf_dir), hf.get("tie_word_embeddings", True), hf_dir)
     meta = hf.get("macrogpt") if isinstance(hf.get("macrogpt"), dict) else {}
     step = meta["step"] if _is_kind(meta.get("step"), "int") and meta["step"] >= 0 else cfg.warmup_steps
-    progress = Progress(warmup_done=True)
-    if _is_kind(meta.get("bpe_chars"), "int") and meta["bpe_chars"] >= 0:
-        progress.bpe_chars = meta["bpe_chars"]
+    bpe_chars = meta["bpe_chars"] if _is_kind(meta.get("bpe_chars"), "int") and meta["bpe_chars"] >= 0 else 0
+    progress = Progress(warmup_done=True, bpe_chars=bpe_chars)
     if cfg.freeze_base_after_warmup:
-        model.freeze_base()
         model.add_delta()
     return Brain(model, Adam(cfg), step, tok, progress)
 
@@ -4887,7 +4918,7 @@ def run_hf(args, cfg):
         out_dir, lora = (args.export, False) if args.export is not None else (args.export_lora, True)
         if not os.path.exists(args.ckpt):
             raise HFError("no checkpoint %s to export (chat first, or name one with --ckpt)" % args.ckpt)
-        brain = Brain.load(args.ckpt, cfg, args.seed)
+        brain = Brain.from_body(read_checkpoint(args.ckpt), cfg, args.seed)
         tensors = export_hf(brain, out_dir, args.force, lora)
         tied = all(name != "lm_head.weight" for name, _, _ in tensors)
         n_params = sum(len(rows) * len(rows[0]) for _, _, rows in tensors)
@@ -4900,7 +4931,7 @@ def run_hf(args, cfg):
     brain = import_hf(args.import_dir, args.ckpt, cfg, args.force, args.seed)
     say("imported %s into %s: vocab %d, %d layers; warmup done%s"
         % (args.import_dir, args.ckpt, brain.model.vocab_size, cfg.n_layer,
-           ", base frozen, bursts train a delta" if cfg.freeze_base_after_warmup else ""))
+           ", bursts train a delta over the base" if cfg.freeze_base_after_warmup else ""))
     return 0
 
 
@@ -4937,19 +4968,25 @@ def bench_naive_mflops(N, k, M, repeats=3):
     return 2.0 * N * k * M / _median(times) / 1e6
 
 
-def bench_model(cfg, vocab_size, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, out=print):
-    rng = random.Random(0)
-    model = GPT(cfg, vocab_size, seed=0)
-    opt = Adam(cfg)
+def bench_brain(cfg, tok):
+    return Brain(GPT(cfg, tok.vocab_size, seed=0), Adam(cfg), 0, tok, Progress())
+
+
+def bench_model(cfg, tok, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, out=print):
+    """Training tokens/s of the step the trainer runs, in this process, and generation tokens/s."""
+    rng, vocab_size = random.Random(0), tok.vocab_size
+    pool = Pool(0)
+    pool.load(bench_brain(cfg, tok))
     rates = []
     for i in range(steps + 1):                                # the first step is a warm-up
         seqs = [[rng.randrange(vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
         t0 = time.perf_counter()
-        loss = train_step(model, opt, [s[:-1] for s in seqs], [s[1:] for s in seqs], lr_at(i, cfg))
+        loss, _ = pool.train_step(seqs, lr_at(i, cfg), True)
         dt = time.perf_counter() - t0
         if i:
             rates.append(n_seq * T / dt)
             out("train step %d/%d | loss %.3f | %.0f tok/s" % (i, steps, loss, rates[-1]))
+    model = pool.local.brain.model
     cache = model.new_cache()
     for tok in [rng.randrange(vocab_size) for _ in range(prompt_tokens)]:
         logits = model.step(cache, tok)
@@ -4964,22 +5001,19 @@ def bench_model(cfg, vocab_size, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_
 
 def bench_workers(cfg, n, tok, steps=4, n_seq=4, T=64, out=print):
     """Training tokens/s of n worker processes sharing each n_seq x T batch (median; one warm-up step)."""
-    brain = Brain.fresh(cfg)
-    brain.tok = tok
-    brain.model.grow_vocab(tok.vocab_size)
-    workers = Workers(n)
+    pool = Pool(n)
     rng, rates = random.Random(0), []
     try:
-        workers.load(brain.to_bytes(), brain.model.num_params())
+        pool.load(bench_brain(cfg, tok))
         for i in range(steps + 1):
             b = [[rng.randrange(tok.vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
             t0 = time.perf_counter()
-            workers.step(b, lr_at(i, cfg), True)
+            pool.train_step(b, lr_at(i, cfg), True)
             if i:
                 rates.append(n_seq * T / (time.perf_counter() - t0))
                 out("%d worker%s step %d/%d | %.0f tok/s" % (n, "s" if n > 1 else "", i, steps, rates[-1]))
     finally:
-        workers.close()
+        pool.close()
     return round(_median(rates), 1)
 
 
@@ -5017,13 +5051,13 @@ def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
         figures, trained = bench_tokenizer(lines, cfg.bpe_num_merges)
         result.update(figures)
         train, _ = split_heldout(lines, cfg.heldout_every)            # a first run's rule and text
-        if sum(len(text_to_bytes(l)) for l in train) >= cfg.enable_bpe_after_chars:
+        if bpe_merges_due(cfg, sum(len(text_to_bytes(l)) for l in train), 0):
             tok = trained
     result["vocab"] = tok.vocab_size
     meter.update(1)
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
     meter.finish()                                            # bench_model prints a line per step itself
-    result.update(bench_model(cfg, tok.vocab_size, out=out))
+    result.update(bench_model(cfg, tok, out=out))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
     n = result["train_workers"] = worker_count(cfg)
     result["train_tokens_per_s_1"] = bench_workers(cfg, 1, tok, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
@@ -5266,9 +5300,9 @@ def run_session(cfg, corpus, args):
         except ImportError:
             pass
     train = not args.no_train
-    workers = Workers(worker_count(cfg), args.seed) if train else None
+    pool = Pool(worker_count(cfg), args.seed) if train else None
     try:
-        session = Session(cfg, corpus, args.db, args.ckpt, args.seed, workers)
+        session = Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)
         try:
             notes = TrainingNotes(session.cfg, session.brain.progress) if interactive and train and not args.quiet else None
             asyncio.run(chat(session, interactive, train, notes))
@@ -5276,8 +5310,8 @@ def run_session(cfg, corpus, args):
         finally:
             session.close()
     finally:
-        if workers is not None:
-            workers.close()
+        if pool is not None:
+            pool.close()
     return 0
 
 
