@@ -2142,8 +2142,13 @@ STATE_KINDS = {"seed_digest": str, "settings": dict, "burst_mark": int}   # what
 # it, else a plain table of (term, message id) ranked by the sum of the shared terms' BM25
 # idf (term frequency taken as 1: messages are short).
 TERM_RE = re.compile(r"[^\W_]+")
-RARE_SHARE = 0.1                          # a term in at most this share of the messages is rare
+RARE_SHARE = 0.02                         # a term in at most this share of the messages is rare
 CJK_RE = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+)")
+
+
+def is_question(text):
+    """A question tells nothing to remember: the index holds statements only."""
+    return text.rstrip().endswith(("?", "\uff1f", "\u061f"))
 
 
 def search_terms(text):
@@ -2265,7 +2270,7 @@ class Memory:
         with self.transaction():
             i = self.db.execute("INSERT INTO messages (time, role, text) VALUES (?, ?, ?)",
                                 (time.time(), role, text_to_bytes(text))).lastrowid
-            if role == "user":
+            if role == "user" and not is_question(text):
                 self._index(i, text)
         return i
 
@@ -2284,8 +2289,10 @@ class Memory:
             done = self.db.execute(last).fetchone()[0]
             rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
                                    (done,)).fetchall()
-            for i, text in rows:                   # messages a version without the index stored
-                self._index(i, bytes_to_text(bytes(text)))
+            for i, raw in rows:                    # messages a version without the index stored
+                text = bytes_to_text(bytes(raw))
+                if not is_question(text):
+                    self._index(i, text)
         return table
 
     def _index(self, i, text):
@@ -2309,10 +2316,10 @@ class Memory:
     def search_messages(self, text, k=3, before=None):
         """The k user messages stored before id `before` that best share terms with text, best
         first -> [(id, text)]. A message qualifies only by sharing a rare term (held by at most
-        RARE_SHARE of the messages, or two): sharing "what" and "is" is no reason to recall it."""
+        RARE_SHARE of the messages, or one): sharing "what" and "is" is no reason to recall it."""
         before = before or 1 << 62
         n, df = self._term_counts(sorted(set(search_terms(text))), before)
-        rare = {t for t, c in df.items() if 0 < c <= max(2, RARE_SHARE * n)}
+        rare = {t for t, c in df.items() if 0 < c <= max(1, RARE_SHARE * n)}
         if not rare:
             return []
         if self.fts:
@@ -3559,30 +3566,53 @@ SENTENCE_ENDS = (".", "!", "?", "\u3002", "\uff01", "\uff1f")
 HISTORY_MESSAGES = 6                       # earlier messages that go into the prompt
 REMEMBERED_MESSAGES = 3                    # stored user messages retrieved for each reply
 LOCAL_FIELD_WEIGHT = 0.5                   # share of the recalled answers in the field's voice
-POINTER_WEIGHTS = (0.0, 0.0, 0.6, 0.8, 0.9)  # the pointer's share after a match of n tokens (n >= 4: last)
+POINTER_WEIGHTS = (0.0, 0.8, 0.6, 0.8, 0.9)  # the pointer's share after a match of n tokens (n >= 4: last)
+POINTER_START = 0.5                        # its share for the reply's first token
 
 
-def pointer_probs(memory_lines, tail, vocab_size):
-    """The pointer: where the last tokens of the reply occur in the remembered lines, the
-    tokens that followed them there -> (probabilities, the pointer's share of the voice).
+def pointer_probs(memory_lines, news, tail, at_start, vocab_size):
+    """The pointer: a next-token distribution copied from the remembered lines -> (probabilities,
+    the pointer's share of the voice), or (None, 0.0) when it has nothing to say.
 
-    memory_lines: [(weight, token ids)], the best remembered line weighing most. The longest
-    match of the reply's last n tokens (2 <= n <= 4) wins; its followers are counted by their
-    lines' weights. A single shared token copies nothing: one word in common is not a recollection.
-    [(1, [7, 8, 9, 5])], tail [.., 7, 8] -> {9: 1.0}, share POINTER_WEIGHTS[2]
+    memory_lines: [(weight, token ids)], the best remembered line weighing most; news: the ids
+    of the lines that say what the message being answered does not (news_ids). The reply may
+    start with news, and a token of news is continued as it continues in its line. Any other
+    token is continued only when the reply's last n >= 2 tokens occur in a line; the longest
+    match wins, its followers counted by their lines' weights.
+    [(1, [7, 8, 9, 5])], news {9, 5}, tail [.., 7, 8] -> {9: 1.0}, share POINTER_WEIGHTS[2]
     """
-    for n in range(min(len(POINTER_WEIGHTS) - 1, len(tail)), 1, -1):
+    for n in range(min(len(POINTER_WEIGHTS) - 1, len(tail)), 0, -1):
         key, followers = tail[-n:], Counter()
+        if n == 1 and key[0] not in news:
+            break
         for weight, ids in memory_lines:
             for j in range(n, len(ids)):
                 if ids[j - n:j] == key:
                     followers[ids[j]] += weight
         if followers:
-            probs, total = [0.0] * vocab_size, sum(followers.values())
-            for t, c in followers.items():
-                probs[t] = c / total
-            return probs, POINTER_WEIGHTS[n]
+            return _normalized_counts(followers, vocab_size), POINTER_WEIGHTS[n]
+    if at_start and news:
+        starts = Counter()
+        for weight, ids in memory_lines:
+            for j, t in enumerate(ids):
+                if t in news and ids[j - 1] not in news:
+                    starts[t] += weight
+        return _normalized_counts(starts, vocab_size), POINTER_START
     return None, 0.0
+
+
+def news_ids(tok, memory_lines, message):
+    """The ids of remembered lines whose text (spaces aside, case folded) the message lacks."""
+    said = text_to_bytes(fold_case(message))
+    return {t for _, ids in memory_lines for t in ids
+            if t != EOS and text_to_bytes(fold_case(tok.decode([t]))).strip() not in said}
+
+
+def _normalized_counts(counts, vocab_size):
+    probs, total = [0.0] * vocab_size, sum(counts.values())
+    for t, c in counts.items():
+        probs[t] = c / total
+    return probs
 
 
 def clean_reply(text, finished):
@@ -3652,7 +3682,10 @@ class Voice:
     def generate(self, brain, field, lam, history, user_text, local=None, lexicon=None, remembered=()):
         cfg, tok, model = self.cfg, brain.tok, brain.model
         prompt = self.prompt_ids(tok, history, user_text, remembered)
-        memory_lines = [(0.5 ** k, [EOS] + tok.encode(text) + [EOS]) for k, text in enumerate(remembered)]
+        memory_lines = [(0.5 ** k, [EOS] + tok.encode(format_turn("user", text)) + [EOS])
+                        for k, text in enumerate(remembered)]
+        news = news_ids(tok, memory_lines, user_text)
+        memory_lines = [(w, ids) for w, ids in memory_lines if news.intersection(ids)]   # nothing to add: no use
         line = tok.encode("A:")                          # the field sees only the current line
         use_model = lam > 0
         if use_model:
@@ -3667,7 +3700,7 @@ class Voice:
                 p = mix(local.probs(line), p, LOCAL_FIELD_WEIGHT)
             if use_model:
                 p = mix(softmax(logits), p, lam)
-            copy, share = pointer_probs(memory_lines, line, len(p))
+            copy, share = pointer_probs(memory_lines, news, line, not out, len(p))
             if copy is not None:
                 p = mix(copy, p, share)
             p[BOS] = p[PAD] = 0.0
