@@ -4,10 +4,7 @@ import random
 import unittest
 
 import macrogpt as M
-
-H = 1e-5           # finite-difference step
-TOL = 1e-5         # max relative error, |a - n| / max(|a|, |n|, FLOOR)
-FLOOR = 1e-3       # below this size a gradient entry is compared absolutely
+from tests.helpers import TOL, max_rel_error
 
 
 def rand_tensor(rng, rows, cols, scale=1.0, trainable=True):
@@ -19,31 +16,6 @@ def project(out, rng_seed=99):
     rng = random.Random(rng_seed)
     R = M.param([[rng.gauss(0, 1) for _ in row] for row in out.data], trainable=False)
     return M.mean(M.mul(out, R))
-
-
-def max_rel_error(build, params, samples=40, seed=0):
-    """Compare analytic grads of build() (a 1x1 Tensor) with central differences."""
-    loss = build()
-    loss.backward()
-    analytic = [[list(r) for r in p.grad] if p.grad is not None else None for p in params]
-    for p in params:
-        p.grad = None
-    rng = random.Random(seed)
-    worst = 0.0
-    for pi, p in enumerate(params):
-        coords = [(i, j) for i in range(len(p.data)) for j in range(len(p.data[0]))]
-        rng.shuffle(coords)
-        for i, j in coords[:samples]:
-            old = p.data[i][j]
-            p.data[i][j] = old + H
-            up = build().data[0][0]
-            p.data[i][j] = old - H
-            down = build().data[0][0]
-            p.data[i][j] = old
-            numeric = (up - down) / (2 * H)
-            a = analytic[pi][i][j] if analytic[pi] is not None else 0.0
-            worst = max(worst, abs(a - numeric) / max(abs(a), abs(numeric), FLOOR))
-    return worst
 
 
 class OpGradientTest(unittest.TestCase):

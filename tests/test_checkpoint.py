@@ -7,7 +7,7 @@ import unittest
 from unittest import mock
 
 import macrogpt as M
-from tests.test_model import V, random_batch, tiny_config, train_delta_randomly
+from tests.helpers import V, random_batch, tiny_config, train_delta_randomly
 
 
 def trained_model(seed=0, **kw):

@@ -1,46 +1,16 @@
 """The real program in a subprocess with a tiny Config: pipes, memory, restarts, errors."""
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 import unittest
 
 import macrogpt as M
-from tests.test_trainer import synthetic_corpus
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "macrogpt.py")
-TINY = dict(n_layer=1, n_embd=8, n_head=2, block_size=24, seq_len=12, batch_size=2, warmup_steps=16,
-            micro_steps=3, lr_warmup_steps=2, lr_decay_steps=100, enable_bpe_after_chars=200,
-            bpe_num_merges=20, field_order=3, heldout_every=5, checkpoint_every_seconds=0.0,
-            max_gen_tokens=30, idle_training=False)
+from tests.helpers import CliCase, synthetic_corpus
 
 
-class CliTest(unittest.TestCase):
-    def setUp(self):
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir)
-        self.corpus = self.path("corpus.txt")
-        with open(self.corpus, "w", encoding="utf-8") as f:
-            f.write("\n".join(synthetic_corpus() + ["héllo мир 世界 🙂"]) + "\n")
-        with open(self.path("tiny.json"), "w") as f:
-            json.dump(TINY, f)
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def args(self, *extra):
-        return [sys.executable, SCRIPT, "--corpus", self.corpus, "--config", "tiny.json"] + list(extra)
-
-    def run_cli(self, *extra, stdin=b""):
-        p = subprocess.run(self.args(*extra), input=stdin, cwd=self.dir, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=120)
-        return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
+class CliTest(CliCase):
     def memory(self):
         mem = M.Memory(self.path("memory.sqlite3"))
         self.addCleanup(mem.close)
@@ -71,20 +41,6 @@ class CliTest(unittest.TestCase):
         self.assertIn("error: top_k needs an integer", out)
         self.assertIn("unknown command /bogus", out)
         self.assertEqual(self.memory().get_state("settings"), {"top_k": 5})
-
-    def status_until(self, proc, pattern, timeout=90):
-        """Ask /status until its output matches pattern; the answer lines are read as they come."""
-        import re
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            proc.stdin.write(b"/status\n")
-            proc.stdin.flush()
-            text = b"".join(proc.stdout.readline() for _ in range(3)).decode("utf-8", "replace")
-            m = re.search(pattern, text)
-            if m:
-                return m
-            time.sleep(0.3)
-        self.fail("no status matched %r" % pattern)
 
     def test_restart_continues_training_and_remembers(self):
         proc = subprocess.Popen(self.args(), cwd=self.dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

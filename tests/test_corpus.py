@@ -9,7 +9,7 @@ import unittest
 from unittest import mock
 
 import macrogpt as M
-from tests.test_trainer import synthetic_corpus, tiny_trainer_config
+from tests.helpers import synthetic_corpus, tiny_trainer_config
 
 
 def field_state(field):

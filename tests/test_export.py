@@ -11,33 +11,7 @@ import tempfile
 import unittest
 
 import macrogpt as M
-from tests.test_trainer import synthetic_corpus, tiny_trainer_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "macrogpt.py")
-MIXED = "Hi, wörld! 世界 123 привет مرحبا e\u0301 🙂🙂  \t\n x__y ²½ Ⅻ \x1c\u00a0a_1"
-
-
-def trained_tokenizer():
-    tok = M.Tokenizer()
-    tok.train(synthetic_corpus() + ["世界 世界 привет привет 123 123"], 30)
-    return tok
-
-
-def brain_with_deltas(cfg, head_deltas=True, seed=1):
-    """A brain whose two delta modules are live (A != 0), so merging is visible in every output."""
-    tok = trained_tokenizer()
-    model = M.GPT(cfg, tok.vocab_size, seed=seed)
-    model.add_delta()
-    model.add_delta()
-    rng = random.Random(seed)
-    for name, t in model.delta_params():
-        if name.endswith(".A") and (head_deltas or not name.startswith("lm_head")):
-            t.data = [[rng.gauss(0.0, 0.2) for _ in row] for row in t.data]
-    model.touch()
-    progress = M.Progress()
-    progress.bpe_chars = 1234
-    return M.Brain(model, M.Adam(cfg), 77, tok, progress)
+from tests.helpers import MIXED, SCRIPT, brain_with_deltas, tiny_trainer_config
 
 
 def max_logit_gap(a, b, seqs):

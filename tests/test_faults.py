@@ -12,8 +12,7 @@ import tempfile
 import unittest
 
 import macrogpt as M
-from tests import test_cli
-from tests.test_model import V, random_batch, tiny_config
+from tests.helpers import CliCase, V, random_batch, tiny_config
 
 POSIX = os.name == "posix"
 PWNED = "\x1b]0;pwned\x07"                 # retitles a terminal
@@ -230,15 +229,8 @@ class FrozenGrowthTest(unittest.TestCase):
 
 # -- the real program ------------------------------------------------------------------------
 
-class FaultCliTest(test_cli.CliTest):
+class FaultCliTest(CliCase):
     """Each case: no traceback, the stated exit code, and every acknowledged message still stored."""
-
-    test_piped_conversation_one_reply_per_line = None                 # CliTest's own cases run there
-    test_status_and_commands_in_pipe = None
-    test_restart_continues_training_and_remembers = None
-    test_kill_9_during_training_leaves_a_loadable_checkpoint = None
-    test_prompt_tokenize_and_eval = None
-    test_bad_inputs_exit_2_and_change_nothing = None
 
     def popen(self, *extra, **kw):
         kw.setdefault("stdout", subprocess.PIPE)

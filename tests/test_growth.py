@@ -11,10 +11,7 @@ import unittest
 from unittest import mock
 
 import macrogpt as M
-from tests.test_trainer import Clock, synthetic_corpus, tiny_trainer_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "macrogpt.py")
+from tests.helpers import SCRIPT, Clock, synthetic_corpus, tiny_trainer_config
 
 SCHEMA_V1 = """
 CREATE TABLE messages (id INTEGER PRIMARY KEY, time REAL NOT NULL, role TEXT NOT NULL, text BLOB NOT NULL);

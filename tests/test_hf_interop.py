@@ -14,8 +14,7 @@ import tempfile
 import unittest
 
 import macrogpt as M
-from tests.test_export import MIXED, brain_with_deltas
-from tests.test_trainer import tiny_trainer_config
+from tests.helpers import MIXED, SCRIPT, brain_with_deltas, tiny_trainer_config
 
 try:
     import tokenizers
@@ -26,7 +25,6 @@ except ImportError as e:                       # the project itself needs none o
 else:
     MISSING = None
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "macrogpt.py")
 TEXTS = [MIXED, "H: how is the sea today?\nA: the sea is quiet.", "日本語のテキストと中文，한국어 텍스트",
          "naïve café — 10,000.50 € ½ ² Ⅻ ٣٤٥ ๑๒", "tabs\tand\n\nnewlines   and  spaces  ", "x__y--z!!?? 🙂👍🏽🇫🇷 é"]
 

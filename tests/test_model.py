@@ -3,29 +3,7 @@ import random
 import unittest
 
 import macrogpt as M
-from tests.test_autograd import max_rel_error
-
-V = 23
-
-
-def tiny_config(**kw):
-    base = dict(n_layer=2, n_embd=8, n_head=2, block_size=12, seq_len=8, delta_rank=2,
-                max_delta_modules=3, lr_warmup_steps=2, lr_decay_steps=50, init_std=0.3)
-    base.update(kw)
-    return M.Config(**base)
-
-
-def random_batch(rng, n_seq, T, vocab=V):
-    seqs = [[rng.randrange(vocab) for _ in range(T + 1)] for _ in range(n_seq)]
-    return [s[:-1] for s in seqs], [s[1:] for s in seqs]
-
-
-def train_delta_randomly(model, rng, scale=0.3):
-    """Give every delta's A non-zero values so adapters actually contribute."""
-    for _, t in model.delta_params():
-        if _.endswith(".A"):
-            t.data = [[rng.gauss(0, scale) for _ in r] for r in t.data]
-    model.touch()
+from tests.helpers import V, max_rel_error, random_batch, tiny_config, train_delta_randomly
 
 
 class FullModelGradientTest(unittest.TestCase):

@@ -9,8 +9,7 @@ import tempfile
 import unittest
 
 import macrogpt as M
-from tests.test_cli import SCRIPT, TINY
-from tests.test_trainer import synthetic_corpus
+from tests.helpers import SCRIPT, TINY, synthetic_corpus
 
 CFG = M.Config(warmup_steps=1200, batch_size=4, seq_len=64)
 

@@ -7,8 +7,8 @@ import sys
 import sysconfig
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "macrogpt.py")
+from tests.helpers import ROOT, SCRIPT
+
 LOCAL = {"macrogpt", "tests", "__future__"}
 
 

@@ -4,9 +4,7 @@ import random
 import unittest
 
 import macrogpt as M
-from tests.test_model import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, tiny_config
 
 
 class RoundTripTest(unittest.TestCase):

@@ -7,34 +7,7 @@ import types
 import unittest
 
 import macrogpt as M
-
-TOPICS = ["sea", "rain", "cat", "book", "moon", "tea", "snow", "bird", "river", "song", "lamp", "bread"]
-
-
-def tiny_trainer_config(**kw):
-    base = dict(n_layer=1, n_embd=8, n_head=2, block_size=16, seq_len=12, batch_size=2, warmup_steps=16,
-                micro_steps=3, lr_warmup_steps=2, lr_decay_steps=100, enable_bpe_after_chars=200,
-                bpe_num_merges=20, bpe_retrain_every_chars=10 ** 6, field_order=3, heldout_every=5,
-                qb_min_bytes=10, qb_cooldown_seconds=30.0, delta_grow_prob=0.0, checkpoint_every_seconds=0.0)
-    base.update(kw)
-    return M.Config(**base)
-
-
-def synthetic_corpus():
-    lines = []
-    for i, a in enumerate(TOPICS):
-        b = TOPICS[(i + 3) % len(TOPICS)]
-        lines += ["H: how is the %s today?" % a, "A: the %s is quiet, like the %s." % (a, b),
-                  "H: do you like the %s?" % b, "A: I like the %s when it is calm." % b]
-    return lines
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
+from tests.helpers import TOPICS, Clock, synthetic_corpus, tiny_trainer_config
 
 
 class TrainerTest(unittest.TestCase):

@@ -11,9 +11,7 @@ import time
 import unittest
 
 import macrogpt as M
-from tests.test_trainer import synthetic_corpus, tiny_trainer_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, CliCase, synthetic_corpus, tiny_trainer_config
 
 
 def brain_bytes(cfg, seed=2):
@@ -210,9 +208,8 @@ class OrphanTest(unittest.TestCase):
 @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc to find the worker processes")
 class WorkerDeathInTheProgramTest(unittest.TestCase):
     def test_a_worker_killed_mid_warmup_is_replaced_and_status_tells(self):
-        from tests.test_cli import CliTest
         d, proc = start_program(self, checkpoint_every_seconds=1.0)
-        probe = CliTest()
+        probe = CliCase()
         try:
             probe.status_until(proc, r"warmup step [1-9]")
             victims = children_of(proc.pid)
