@@ -2275,25 +2275,28 @@ class Memory:
         return i
 
     def _open_index(self):
-        """Make the message index current: FTS5 if this SQLite has it, else the term table."""
-        try:
-            self.db.execute("CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5(terms)")
-            self.fts, table = True, "message_fts"
-            last = "SELECT COALESCE(MAX(rowid), 0) FROM message_fts"
-        except sqlite3.OperationalError:                       # no FTS5 module
-            self.db.execute("CREATE TABLE IF NOT EXISTS message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
-            self.db.execute("CREATE INDEX IF NOT EXISTS message_terms_term ON message_terms (term, id)")
-            self.fts, table = False, "message_terms"
-            last = "SELECT COALESCE(MAX(id), 0) FROM message_terms"
-        with self.transaction():
-            done = self.db.execute(last).fetchone()[0]
-            rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
-                                   (done,)).fetchall()
-            for i, raw in rows:                    # messages a version without the index stored
-                text = bytes_to_text(bytes(raw))
-                if not is_question(text):
+        """Make the message index current: FTS5 if this SQLite has it, else the term table.
+        Nothing is written when it is (a database another program holds locked still opens)."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+        self.fts = "message_fts" in tables
+        if not tables & {"message_fts", "message_terms"}:
+            try:
+                self.db.execute("CREATE VIRTUAL TABLE message_fts USING fts5(terms)")
+                self.fts = True
+            except sqlite3.OperationalError:                   # no FTS5 module
+                self.db.execute("CREATE TABLE message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
+                self.db.execute("CREATE INDEX message_terms_term ON message_terms (term, id)")
+        last = ("SELECT COALESCE(MAX(rowid), 0) FROM message_fts" if self.fts
+                else "SELECT COALESCE(MAX(id), 0) FROM message_terms")
+        done = self.db.execute(last).fetchone()[0]
+        rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
+                               (done,)).fetchall()
+        rows = [(i, bytes_to_text(bytes(raw))) for i, raw in rows]
+        rows = [(i, text) for i, text in rows if not is_question(text)]
+        if rows:                                       # messages a version without the index stored
+            with self.transaction():
+                for i, text in rows:
                     self._index(i, text)
-        return table
 
     def _index(self, i, text):
         terms = search_terms(text)

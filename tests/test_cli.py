@@ -7,7 +7,7 @@ import tempfile
 import unittest
 
 import macrogpt as M
-from tests.helpers import CliCase, synthetic_corpus
+from tests.helpers import CliCase, corpus_lines, synthetic_corpus
 
 
 class CliTest(CliCase):
@@ -30,7 +30,7 @@ class CliTest(CliCase):
         self.assertEqual(M.text_to_bytes(users[2]), b"\xff\xfe garbage \x00")
         self.assertEqual(users[3], "🙂 emoji")
         self.assertGreater(mem.corpus_stats()["chat_lines"], 0)
-        self.assertIn("H: how is the sea today?", mem.corpus_lines())
+        self.assertIn("H: how is the sea today?", corpus_lines(mem))
 
     def test_status_and_commands_in_pipe(self):
         code, out, err = self.run_cli("--no-train", stdin=b"/status\n/set top_k 5\n/set top_k x\n/bogus\n/help\n")

@@ -9,7 +9,7 @@ import unittest
 from unittest import mock
 
 import macrogpt as M
-from tests.helpers import synthetic_corpus, tiny_trainer_config
+from tests.helpers import corpus_lines, synthetic_corpus, tiny_trainer_config
 
 
 def field_state(field):
@@ -85,7 +85,7 @@ class CorpusTest(CorpusCase):
                                                                 rng.choice(["moon", "cat", "tea"])))
                 s.respond(said[-1])
             before = len(s.memory.corpus_rows())
-            grew += s.trainer.update_tokenizer()
+            grew += s.trainer.grow_tokenizer()
             pruned += before > 70 or len(s.memory.corpus_rows()) == 70
             self.assertConsistent(s)
         self.assertEqual(s.corpus.add(heldout, "chat"), 0)   # never, whatever the source
@@ -97,26 +97,26 @@ class CorpusTest(CorpusCase):
         self.session().close()
         self.write_corpus(["H: a brand new first line of the file"] + synthetic_corpus())
         s = self.session()
-        self.assertEqual(set(s.corpus.heldout_lines) & set(s.memory.corpus_lines()), set())
+        self.assertEqual(set(s.corpus.heldout_lines) & set(corpus_lines(s.memory)), set())
         self.assertConsistent(s)
 
     def test_changing_heldout_every_moves_lines_both_ways(self):
         self.session(heldout_every=10).close()
         s = self.session(heldout_every=3)
         held3 = set(s.corpus.heldout_lines)
-        self.assertEqual(held3 & set(s.memory.corpus_lines()), set())
+        self.assertEqual(held3 & set(corpus_lines(s.memory)), set())
         self.assertConsistent(s)
         self.assertEqual(s.memory.message_count(), 0)                # the messages table is untouched
         s.close()
         s = self.session(heldout_every=10)
         train10, held10 = M.split_heldout(synthetic_corpus(), 10)
-        self.assertEqual(set(held10) & set(s.memory.corpus_lines()), set())
-        self.assertTrue(set(train10) <= set(s.memory.corpus_lines()))   # freed lines train again
+        self.assertEqual(set(held10) & set(corpus_lines(s.memory)), set())
+        self.assertTrue(set(train10) <= set(corpus_lines(s.memory)))   # freed lines train again
         self.assertConsistent(s)
 
     def test_a_new_message_is_learned_even_when_its_reply_is_old(self):
         s = self.session()
-        old_reply = s.memory.corpus_lines()[1]
+        old_reply = corpus_lines(s.memory)[1]
         assert old_reply.startswith("A:")
         pending = s.corpus.pending.bytes
         added = s.corpus.add(["H: a question never asked before", old_reply], "chat")
@@ -131,7 +131,7 @@ class CorpusTest(CorpusCase):
         s = self.session(max_corpus_lines=40)
         for i in range(30):
             s.corpus.add(["H: where is the zebra number %d" % i, "A: zebra %d is asleep." % i], "chat")
-        lines = s.memory.corpus_lines()
+        lines = corpus_lines(s.memory)
         self.assertEqual(len(lines), 40)
         newest = [l for i in range(20, 30) for l in ("H: where is the zebra number %d" % i, "A: zebra %d is asleep." % i)]
         self.assertEqual(lines[-20:], newest)                          # the newest half is always kept

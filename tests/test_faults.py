@@ -12,7 +12,7 @@ import tempfile
 import unittest
 
 import macrogpt as M
-from tests.helpers import CliCase, V, random_batch, tiny_config
+from tests.helpers import CliCase, V, random_batch, tiny_config, train_step
 
 POSIX = os.name == "posix"
 PWNED = "\x1b]0;pwned\x07"                 # retitles a terminal
@@ -183,48 +183,49 @@ class MemoryFaultTest(unittest.TestCase):
         self.assertFalse(mem.db.in_transaction)
 
 
-# -- growth of a frozen model ----------------------------------------------------------------------
+# -- growth, then a burst that trains only the deltas ---------------------------------------------
 
-def frozen_model():
+def model_with_delta():
     rng = random.Random(0)
     model = M.GPT(tiny_config(), V, seed=0)
     opt = M.Adam(model.cfg)
-    M.train_step(model, opt, *random_batch(rng, 2, 6), 0.01)
-    model.freeze_base()
+    train_step(model, opt, *random_batch(rng, 2, 6), 0.01)
     model.add_delta()
     return model, opt
 
 
-class FrozenGrowthTest(unittest.TestCase):
+class GrowthThenBurstTest(unittest.TestCase):
     def assertBaseStaysAfterTraining(self, model, opt):
-        for name, t in model.base_params():
-            self.assertEqual(t.frozen_rows, len(t.data), name)
+        model.set_trainable(False)                       # a burst's job
         base = {n: [list(r) for r in t.data] for n, t in model.base_params()}
         deltas = {n: [list(r) for r in t.data] for n, t in model.delta_params()}
         rng = random.Random(1)
         for _ in range(2):
-            M.train_step(model, opt, *random_batch(rng, 2, 6, model.vocab_size), 0.05)
+            train_step(model, opt, *random_batch(rng, 2, 6, model.vocab_size), 0.05)
         for name, t in model.base_params():
             self.assertEqual(t.data, base[name], name)
         self.assertTrue(any(t.data != deltas[n] for n, t in model.delta_params()))
 
-    def test_grow_vocab_of_a_frozen_model_trains_only_deltas(self):
-        model, opt = frozen_model()
+    def test_a_burst_after_grow_vocab_trains_only_deltas(self):
+        model, opt = model_with_delta()
         model.grow_vocab(V + 7)
         self.assertEqual(model.vocab_size, V + 7)
         self.assertBaseStaysAfterTraining(model, opt)
 
-    def test_grow_model_of_a_frozen_model_trains_only_deltas(self):
-        model, opt = frozen_model()
+    def test_a_burst_after_grow_model_trains_only_deltas(self):
+        model, opt = model_with_delta()
         grown, opt = M.grow_model(model, opt, tiny_config(n_layer=3, n_embd=12, n_head=3))
         self.assertEqual(len(grown.blocks), 3)
         self.assertBaseStaysAfterTraining(grown, opt)
 
-    def test_an_unfrozen_model_grows_trainable(self):
-        model = M.GPT(tiny_config(), V, seed=0)
+    def test_the_training_mode_is_the_jobs_and_never_saved(self):
+        model, opt = model_with_delta()
+        model.set_trainable(False)
         model.grow_vocab(V + 3)
-        grown, _ = M.grow_model(model, M.Adam(model.cfg), tiny_config(n_layer=3))
-        self.assertTrue(all(t.frozen_rows == 0 and t.requires_grad for _, t in grown.base_params()))
+        grown, opt = M.grow_model(model, opt, tiny_config(n_layer=3))
+        back, _, _, _ = M.restore_checkpoint(M.parse_checkpoint(M.checkpoint_bytes(grown, opt, 1)))
+        self.assertTrue(all(t.requires_grad for _, t in back.named_params()))
+        self.assertNotIn(b"frozen", M.checkpoint_bytes(grown, opt, 1))
 
 
 # -- the real program ------------------------------------------------------------------------

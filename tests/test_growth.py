@@ -106,7 +106,7 @@ class GrowthLogTest(unittest.TestCase):
         cfg = tiny_trainer_config()
         brain = M.Brain.fresh(cfg, seed=1)
         corpus = M.Corpus(cfg, mem, brain.tok, heldout)
-        trainer = M.Trainer(cfg, corpus, mem, M.Learner(cfg, brain, M.Workers(0)), now=Clock())
+        trainer = M.Trainer(cfg, corpus, mem, brain, M.Pool(0), now=Clock())
         n = len(corpus.heldout_stream) - 1
         h = corpus.evidence([0.05] * n)                      # a network that gives each token 1/20
         brain.progress.heldout = h

@@ -8,6 +8,7 @@ import tempfile
 import unittest
 
 import macrogpt as M
+from tests.helpers import corpus_lines
 
 
 def read_bytes(path):
@@ -49,13 +50,13 @@ class MemoryTest(unittest.TestCase):
         mem = self.open()
         self.assertEqual(mem.add_corpus_lines(["a", "b", "a"], "seed"), [(1, "a"), (2, "b")])
         self.assertEqual(mem.add_corpus_lines(["b", "c"], "chat"), [(3, "c")])
-        self.assertEqual(mem.corpus_lines(), ["a", "b", "c"])
+        self.assertEqual(corpus_lines(mem), ["a", "b", "c"])
         self.assertEqual(mem.corpus_stats(), {"lines": 3, "bytes": 3, "chat_lines": 1})
         mem.add_corpus_lines(["line %d" % i for i in range(100)], "chat")
         mem.prune_corpus(range(4, 67), "test")
         self.assertEqual(mem.remove_corpus_lines(["line 99", "never stored"]), [(103, "line 99")])
         mem.add_corpus_lines(["line 99"], "chat")
-        kept = mem.corpus_lines()
+        kept = corpus_lines(mem)
         self.assertEqual(len(kept), 40)
         self.assertEqual(kept[-20:], ["line %d" % i for i in range(80, 100)])
         self.assertEqual(mem.db.execute("SELECT detail FROM events WHERE kind = 'prune'").fetchall(), [("test",)])
@@ -105,7 +106,7 @@ class MemoryTest(unittest.TestCase):
             with mem.transaction():
                 mem.db.execute("DELETE FROM corpus")
                 raise RuntimeError("boom")
-        self.assertEqual(mem.corpus_lines(), ["keep"])
+        self.assertEqual(corpus_lines(mem), ["keep"])
 
 
 class HelperTest(unittest.TestCase):
@@ -137,3 +138,64 @@ class HelperTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RetrievalTest(unittest.TestCase):
+    """What the user said is found again by its words, through FTS5 and through the own index."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def filled(self, name, own_index, n=20000):
+        if own_index:                                  # as on an SQLite without FTS5
+            real = M.Memory._open_index
+
+            def without_fts(mem):
+                mem.db.execute("CREATE TABLE message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
+                mem.db.execute("CREATE INDEX message_terms_term ON message_terms (term, id)")
+                return real(mem)
+            M.Memory._open_index = without_fts
+            self.addCleanup(setattr, M.Memory, "_open_index", real)
+        mem = M.Memory(os.path.join(self.dir, name))
+        self.addCleanup(mem.close)
+        self.assertEqual(mem.fts, not own_index)
+        rng = random.Random(1)
+        words = ["sea", "rain", "bread", "lamp", "road", "song", "tea", "stone", "cloud", "garden"]
+        with mem.transaction():
+            for i in range(n):
+                text = "I like the %s and the %s %d" % (rng.choice(words), rng.choice(words), i % 50)
+                mem.db.execute("INSERT INTO messages (time, role, text) VALUES (0, 'user', ?)", (M.text_to_bytes(text),))
+                mem._index(mem.db.execute("SELECT MAX(id) FROM messages").fetchone()[0], text)
+        return mem
+
+    def check_finds_a_fact_among_many(self, own_index):
+        mem = self.filled("m%d.sqlite3" % own_index, own_index)
+        fact = mem.add_message("user", "my dog is called Biscotti")
+        mem.add_message("user", "the sea was grey")
+        asked = mem.add_message("user", "what is my dog called?")
+        found = mem.search_messages("what is my dog called?", 3, before=asked)
+        self.assertEqual(found[0], (fact, "my dog is called Biscotti"))
+        self.assertEqual(mem.search_messages("what is my dog called?", 3, before=fact), [])   # not yet said
+        self.assertEqual(mem.search_messages("I like the sea and the rain", 3), [])           # nothing rare shared
+        self.assertNotIn(asked, [i for i, _ in mem.search_messages("my dog", 5)])             # questions are not indexed
+
+    def test_fts5_finds_a_fact_among_20000_messages(self):
+        self.check_finds_a_fact_among_many(False)
+
+    def test_own_index_finds_a_fact_among_20000_messages(self):
+        self.check_finds_a_fact_among_many(True)
+
+    def test_search_terms_of_scripts_without_spaces(self):
+        self.assertEqual(M.search_terms("My cat 小白猫!"), ["my", "cat", "小白", "白猫"])
+        self.assertEqual(M.search_terms("Мурзик, ΚΙΚΟΣ"), ["мурзик", "κικοσ"])
+
+    def test_an_older_database_is_indexed_when_opened(self):
+        path = os.path.join(self.dir, "old.sqlite3")
+        mem = M.Memory(path)
+        mem.db.execute("DROP TABLE message_fts")
+        mem.db.execute("INSERT INTO messages (time, role, text) VALUES (0, 'user', ?)", (b"I live in Ljubljana",))
+        mem.close()
+        mem = M.Memory(path)
+        self.addCleanup(mem.close)
+        self.assertEqual([t for _, t in mem.search_messages("where is Ljubljana?")], ["I live in Ljubljana"])

@@ -23,7 +23,7 @@ class FullModelGradientTest(unittest.TestCase):
         model.add_delta()
         model.add_delta()
         train_delta_randomly(model, rng)
-        model.freeze_base()
+        model.set_trainable(False)
         inputs, targets = random_batch(rng, 2, 4)
         params = [t for _, t in model.delta_params()]
         err = max_rel_error(lambda: model.loss(inputs, targets), params, samples=6)
@@ -131,7 +131,7 @@ class DeltaAndFreezeTest(unittest.TestCase):
     def test_frozen_base_is_bit_identical_after_training(self):
         rng = random.Random(10)
         model = M.GPT(tiny_config(), V, seed=11)
-        model.freeze_base()
+        model.set_trainable(False)
         model.add_delta()
         base = {n: [list(r) for r in t.data] for n, t in model.base_params()}
         opt = M.Adam(model.cfg)
@@ -139,7 +139,7 @@ class DeltaAndFreezeTest(unittest.TestCase):
         for step in range(5):
             loss = model.loss(*random_batch(rng, 2, 8))
             loss.backward()
-            opt.step(model.named_params(), 0.01)
+            opt.update(model.named_params(), 0.01)
             model.touch()
         for n, t in model.base_params():
             self.assertEqual(t.data, base[n], n)
@@ -156,7 +156,7 @@ class DeltaAndFreezeTest(unittest.TestCase):
         for step in range(40):
             loss = model.loss(inputs, targets)
             loss.backward()
-            opt.step(model.named_params(), M.lr_at(step, model.cfg))
+            opt.update(model.named_params(), M.lr_at(step, model.cfg))
         last = model.loss(inputs, targets).data[0][0]
         self.assertGreater(first, 2.5)
         self.assertLess(last, 0.5)
@@ -168,10 +168,10 @@ class DeltaAndFreezeTest(unittest.TestCase):
         opt = M.Adam(model.cfg)
         loss = model.loss(*random_batch(rng, 2, 6))
         loss.backward()
-        opt.step(model.named_params(), 0.01)
+        opt.update(model.named_params(), 0.01)
         old_rows = [list(r) for r in model.wte.data]
         old_m = [list(r) for r in opt.state["wte"].m]
-        model.freeze_base()
+        model.set_trainable(False)
         model.grow_vocab(V + 5)
         self.assertEqual(model.vocab_size, V + 5)
         self.assertEqual(model.wte.data[:V], old_rows)
@@ -180,7 +180,7 @@ class DeltaAndFreezeTest(unittest.TestCase):
         self.assertEqual(len(model.forward([seq]).data[0]), V + 5)
         loss = model.loss([seq], [[2, 3, V + 2, V + 4, 0]])
         loss.backward()
-        opt.step(model.named_params(), 0.01)
+        opt.update(model.named_params(), 0.01)
         self.assertEqual(model.wte.data[:V], old_rows)          # frozen rows untouched
         self.assertEqual(opt.state["wte"].m[:V], old_m)         # and their Adam state
         self.assertNotEqual(model.wte.data[V + 2], [0.0] * 8)
@@ -201,7 +201,7 @@ class ScheduleTest(unittest.TestCase):
         p = M.param([[0.0, 0.0]])
         p.grad = [[300.0, 400.0]]
         opt = M.Adam(cfg)
-        norm = opt.step([("p", p)], 0.1)
+        norm = opt.update([("p", p)], 0.1)
         self.assertAlmostEqual(norm, 500.0)
         m = opt.state["p"].m[0]
         self.assertAlmostEqual(m[0], 0.1 * 0.6)                  # (1 - beta1) * clipped grad

@@ -1,5 +1,6 @@
 """Sampling filters on hand-computed distributions, the seeded draw, and /set validation."""
 import math
+import random
 import unittest
 
 import macrogpt as M
@@ -107,3 +108,25 @@ class SetCommandTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PointerTest(unittest.TestCase):
+    def test_the_worked_example(self):
+        probs, share = M.pointer_probs([(1.0, [7, 8, 9, 5])], {9, 5}, [3, 7, 8], False, 10)
+        self.assertEqual((probs[9], sum(probs), share), (1.0, 1.0, M.POINTER_WEIGHTS[2]))
+
+    def test_news_starts_a_reply_and_continues_it(self):
+        lines = [(1.0, [M.EOS, 4, 5, 6, 7, M.EOS]), (0.5, [M.EOS, 4, 8, M.EOS])]
+        probs, share = M.pointer_probs(lines, {6, 7, 8}, [1, 2], True, 10)
+        self.assertEqual(share, M.POINTER_START)
+        self.assertAlmostEqual(probs[6], 2 / 3)        # the better line's news weighs twice
+        self.assertAlmostEqual(probs[8], 1 / 3)
+        probs, _ = M.pointer_probs(lines, {6, 7, 8}, [1, 6], False, 10)
+        self.assertEqual(probs[7], 1.0)
+        self.assertEqual(M.pointer_probs(lines, {6, 7, 8}, [1, 5], False, 10), (None, 0.0))   # 5 is not news
+
+    def test_the_voice_with_the_pointer_still_sums_to_one(self):
+        rng = random.Random(2)
+        field = M.normalize([rng.random() for _ in range(12)])
+        copy, share = M.pointer_probs([(1.0, [M.EOS, 3, 4, 5, M.EOS])], {5}, [3, 4], False, 12)
+        self.assertAlmostEqual(sum(M.mix(copy, field, share)), 1.0, places=12)

@@ -21,12 +21,11 @@ class TrainerTest(unittest.TestCase):
         self.memory.add_corpus_lines(train, "seed")
         self.clock = Clock()
 
-    def trainer(self, cfg, brain=None, workers=None):
+    def trainer(self, cfg, brain=None, pool=None):
         brain = brain or M.Brain.fresh(cfg, seed=1)
         corpus = M.Corpus(cfg, self.memory, brain.tok, self.heldout, seed=1)
-        learner = M.Learner(cfg, brain, workers or M.Workers(0, 1), seed=1)
-        t = M.Trainer(cfg, corpus, self.memory, learner, ckpt_path=self.ckpt, now=self.clock)
-        t.update_tokenizer()
+        t = M.Trainer(cfg, corpus, self.memory, brain, pool or M.Pool(0, 1), ckpt_path=self.ckpt, now=self.clock, seed=1)
+        t.grow_tokenizer()
         return t
 
     def run_tick(self, trainer):
@@ -50,7 +49,7 @@ class TrainerTest(unittest.TestCase):
         first = t.brain.tok.vocab_size
         self.assertEqual(first, M.N_BASE_VOCAB + 20)
         t.corpus.add(["H: a new line about %s and %s" % (a, b) for a in TOPICS[:3] for b in TOPICS[3:6]], "chat")
-        self.assertTrue(t.update_tokenizer())
+        self.assertTrue(t.grow_tokenizer())
         self.assertEqual(t.brain.tok.vocab_size, first + 3)
         self.assertEqual(t.brain.model.vocab_size, first + 3)
 
@@ -60,8 +59,8 @@ class TrainerTest(unittest.TestCase):
         self.run_tick(t)
         self.assertEqual(t.brain.step, 1)
         self.assertFalse(t.brain.progress.warmup_done)
-        self.assertEqual(M.Brain.load(self.ckpt, cfg, seed=1).step, 1)
-        again = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
+        self.assertEqual(M.Brain.load_or_fresh(self.ckpt, cfg, seed=1).step, 1)
+        again = self.trainer(cfg, M.Brain.load_or_fresh(self.ckpt, cfg, seed=1))
         while not again.brain.progress.warmup_done:
             self.run_tick(again)
         self.assertEqual(again.brain.step, 16)
@@ -69,22 +68,22 @@ class TrainerTest(unittest.TestCase):
         h = again.brain.progress.heldout
         self.assertTrue(h.field_bpb > 0 and h.model_bpb > 0)
         self.assertLessEqual(h.mix_bpb, min(h.field_bpb, h.model_bpb) + 1e-9)
-        self.assertEqual(M.Brain.load(self.ckpt, cfg).step, 16)
+        self.assertEqual(M.Brain.load_or_fresh(self.ckpt, cfg).step, 16)
 
     def test_workers_load_the_brain_only_after_it_changed(self):
         cfg = tiny_trainer_config(warmup_steps=8)
         t = self.trainer(cfg)
         loads = []
-        original = t.learner.workers.load
-        t.learner.workers.load = lambda raw, n: (loads.append(n), original(raw, n))
+        original = t.pool.load
+        t.pool.load = lambda brain: (loads.append(brain.step), original(brain))
         self.run_tick(t)
         self.run_tick(t)
         self.assertEqual(len(loads), 1)                          # two jobs, one load
         t.brain.model.add_delta()
-        t.learner.changed()                                      # a change made here must travel
+        t.pool.reset(t.brain)                                    # a change made here must travel
         self.run_tick(t)
         self.assertEqual(len(loads), 2)
-        self.assertEqual(t.learner.workers.local.brain.model.n_deltas, 1)
+        self.assertEqual(t.pool.local.brain.model.n_deltas, 1)
 
     def test_burst_waits_for_material_and_cooldown(self):
         cfg = tiny_trainer_config(idle_training=False)
@@ -108,12 +107,12 @@ class TrainerTest(unittest.TestCase):
         t.corpus.add(["H: where does the river go at night?", "A: it goes to the sea."], "chat")
         pending = t.corpus.pending.bytes
         self.assertGreater(pending, 0)
-        again = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
+        again = self.trainer(cfg, M.Brain.load_or_fresh(self.ckpt, cfg, seed=1))
         self.assertEqual(again.corpus.pending.bytes, pending)
         self.clock.t += 100
         self.assertTrue(again.burst_due())
         self.run_tick(again)
-        third = self.trainer(cfg, M.Brain.load(self.ckpt, cfg, seed=1))
+        third = self.trainer(cfg, M.Brain.load_or_fresh(self.ckpt, cfg, seed=1))
         self.assertEqual(third.corpus.pending.bytes, 0)          # that material has had its burst
 
     def test_frozen_base_is_untouched_by_bursts(self):
@@ -144,7 +143,7 @@ class TrainerTest(unittest.TestCase):
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
         self.assertEqual(t.step, t.brain.step)                   # the rolled-back steps are gone
         self.assertEqual(self.memory.rejected_bursts(), 1)
-        self.assertEqual(M.Brain.load(self.ckpt, cfg).progress.bursts, 1)     # counted across a restart
+        self.assertEqual(M.Brain.load_or_fresh(self.ckpt, cfg).progress.bursts, 1)     # counted across a restart
         self.assertIn("rejected", self.memory.growth_rows()[-1]["note"])
 
     def test_judge_compares_with_the_best_accepted_state(self):
@@ -223,8 +222,8 @@ class TrainerTest(unittest.TestCase):
                                   lr_decay_steps=16)
         t = self.warmed_up(cfg)
         rates = []
-        original = t.learner.workers.step
-        t.learner.workers.step = lambda batch, lr, *rest: (rates.append(lr), original(batch, lr, *rest))[1]
+        original = t.pool.train_step
+        t.pool.train_step = lambda batch, lr, *rest: (rates.append(lr), original(batch, lr, *rest))[1]
         self.assertTrue(self.run_tick(t))
         self.assertEqual(t.brain.progress.idle_phases, 1)
         self.assertEqual(len(rates), 6)

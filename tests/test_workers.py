@@ -11,7 +11,7 @@ import time
 import unittest
 
 import macrogpt as M
-from tests.helpers import ROOT, CliCase, synthetic_corpus, tiny_trainer_config
+from tests.helpers import CliCase, ROOT, synthetic_corpus, tiny_trainer_config, train_step
 
 
 def brain_bytes(cfg, seed=2):
@@ -56,18 +56,22 @@ class WorkersTest(unittest.TestCase):
     def setUp(self):
         self.cfg = tiny_trainer_config(batch_size=4)
         self.raw = brain_bytes(self.cfg)
-        self.workers = M.Workers(2, seed=0)
+        self.workers = M.Pool(2, seed=0)
         self.addCleanup(self.workers.close)
-        self.workers.load(self.raw, M.Brain.from_bytes(self.raw).model.num_params())
+        self.workers.load(M.Brain.from_bytes(self.raw))
 
     def replicas(self):
-        return self.workers._call([("to_bytes",)] * self.workers.n)
+        return self.workers._call([(M.op_to_bytes,)] * self.workers.n)
+
+    def job(self, brain, stream, steps):
+        batches = [M.sample_starts(len(stream), self.cfg.batch_size, self.cfg.seq_len, self.rng) for _ in range(steps)]
+        return M.run_job(self.workers, brain, self.cfg, stream, batches, None, True)
 
     def test_the_all_reduced_gradient_is_the_whole_batch_gradient(self):
         w = self.workers
         windows = batch(random.Random(3), 4, 10)
         shards = [windows[0::2], windows[1::2]]
-        w._call([("grad", s, 0.5, True) for s in shards])
+        w._call([(M.op_grad, s, 0.5, True, None, 0.0) for s in shards])
         size = M.Replica(self.raw).grad_size(True)
         view = memoryview(w.shared).cast("B").cast("d")
         reduced = M._sum_slots(view, 2, w.capacity, size)
@@ -79,7 +83,7 @@ class WorkersTest(unittest.TestCase):
         w, rng = self.workers, random.Random(4)
         windows = batch(rng, 4, 10)
         rows = teach(rng, windows)
-        w._call([("grad", windows[k::2], 0.5, True, rows[k::2], 0.3) for k in range(2)])
+        w._call([(M.op_grad, windows[k::2], 0.5, True, rows[k::2], 0.3) for k in range(2)])
         size = M.Replica(self.raw).grad_size(True)
         reduced = M._sum_slots(memoryview(w.shared).cast("B").cast("d"), 2, w.capacity, size)
         _, _, whole = M.Replica(self.raw).grad(windows, 1.0, True, rows, 0.3)
@@ -97,17 +101,17 @@ class WorkersTest(unittest.TestCase):
 
     def test_replicas_stay_bit_identical_and_match_one_process(self):
         rng = random.Random(4)
-        inline = M.Workers(0)
-        inline.load(self.raw, 0)
+        inline = M.Pool(0)
+        inline.load(M.Brain.from_bytes(self.raw))
         for i in range(4):
             b = batch(rng, 4, 10)
-            loss2, tokens2 = self.workers.step(b, 0.01, True)
-            loss1, tokens1 = inline.step(b, 0.01, True)
+            loss2, tokens2 = self.workers.train_step(b, 0.01, True)
+            loss1, tokens1 = inline.train_step(b, 0.01, True)
             self.assertEqual(tokens1, tokens2)
             self.assertAlmostEqual(loss1, loss2, places=10)
         a, b = self.replicas()
         self.assertEqual(a, b)                                    # bit-identical, Adam state included
-        one = M.Brain.from_bytes(inline.ask("to_bytes")).model
+        one = M.Brain.from_bytes(inline.pull()).model
         two = M.Brain.from_bytes(a).model
         self.assertEqual(M.Brain.from_bytes(a).step, 4)
         for (name, p), (_, q) in zip(one.named_params(), two.named_params()):
@@ -116,33 +120,29 @@ class WorkersTest(unittest.TestCase):
                     self.assertAlmostEqual(x, y, delta=1e-9, msg=name)
 
     def test_a_killed_worker_is_replaced_and_training_goes_on(self):
-        brain = M.Brain.from_bytes(self.raw)
-        learner = M.Learner(self.cfg, brain, self.workers, seed=0)
-        learner.synced, learner.live_step = True, brain.step
+        brain, self.rng = M.Brain.from_bytes(self.raw), random.Random(0)
         stream = [M.EOS] + list(range(40)) * 10
-        learner._train(stream, learner.plan(stream, 2), None, True, None)
+        self.job(brain, stream, 2)
         os.kill(self.workers.procs[1].pid, signal.SIGKILL)
         self.workers.procs[1].join(5)
-        result = learner._train(stream, learner.plan(stream, 3), None, True, None)
-        self.assertEqual(len(result.losses), 3)                   # only the step in flight was lost
-        self.assertEqual(learner.live_step, 5)
+        losses, _, _ = self.job(brain, stream, 3)
+        self.assertEqual(len(losses), 3)                          # only the step in flight was lost
+        self.assertEqual(self.workers.step, 5)
         self.assertEqual(self.workers.restarts, 1)
-        self.assertIn("worker 1", learner.failures[0])
+        self.assertIn("worker 1", self.workers.failures[0])
         a, b = self.replicas()
         self.assertEqual(a, b)
         self.assertEqual(M.Brain.from_bytes(a).step, 5)
 
     def test_a_hung_worker_is_replaced(self):
-        brain = M.Brain.from_bytes(self.raw)
-        learner = M.Learner(self.cfg, brain, self.workers, seed=0)
-        learner.synced = True
+        brain, self.rng = M.Brain.from_bytes(self.raw), random.Random(0)
         old_timeout, M.WORKER_TIMEOUT = M.WORKER_TIMEOUT, 2.0
         self.addCleanup(setattr, M, "WORKER_TIMEOUT", old_timeout)
         hung = self.workers.procs[0]
         os.kill(hung.pid, signal.SIGSTOP)
         stream = [M.EOS] + list(range(40)) * 10
-        result = learner._train(stream, learner.plan(stream, 2), None, True, None)
-        self.assertEqual(len(result.losses), 2)
+        losses, _, _ = self.job(brain, stream, 2)
+        self.assertEqual(len(losses), 2)
         self.assertFalse(hung.is_alive())
         self.assertIn("did not answer", self.workers.last_failure)
         self.assertEqual(M.Brain.from_bytes(self.replicas()[0]).step, 2)
@@ -246,24 +246,24 @@ class AdamPerRowTest(unittest.TestCase):
         p, opt = M.param([[0.1, -0.2], [0.3, 0.4]]), M.Adam(cfg)
         for _ in range(100):
             p.grad = [[rng.gauss(0, 1), rng.gauss(0, 1)] for _ in range(2)]
-            opt.step([("p", p)], 0.01)
+            opt.update([("p", p)], 0.01)
         p.data.append([0.5, 0.5])                                  # grown, as grow_vocab does
         q, fresh = M.param([[0.5, 0.5]]), M.Adam(cfg)
         for _ in range(5):
             g = [rng.gauss(0, 1), rng.gauss(0, 1)]
             p.grad = [[0.0, 0.0], [0.0, 0.0], g]
             q.grad = [list(g)]
-            opt.step([("p", p)], 0.01)
-            fresh.step([("q", q)], 0.01)
+            opt.update([("p", p)], 0.01)
+            fresh.update([("q", q)], 0.01)
         self.assertEqual(p.data[2], q.data[0])
         self.assertEqual(opt.state["p"].t, [105, 105, 5])
 
     def test_counts_survive_a_checkpoint_and_old_files_still_load(self):
         cfg = tiny_trainer_config()
         model, opt = M.GPT(cfg, M.N_BASE_VOCAB, 1), M.Adam(cfg)
-        M.train_step(model, opt, [[1, 2, 3]], [[2, 3, 4]], 0.01)
+        train_step(model, opt, [[1, 2, 3]], [[2, 3, 4]], 0.01)
         model.grow_vocab(M.N_BASE_VOCAB + 2)
-        M.train_step(model, opt, [[1, 2, 3]], [[2, 3, 4]], 0.01)
+        train_step(model, opt, [[1, 2, 3]], [[2, 3, 4]], 0.01)
         body = M.parse_checkpoint(M.checkpoint_bytes(model, opt, 2))
         _, again, _, _ = M.restore_checkpoint(body)
         self.assertEqual(again.state["wte"].t, opt.state["wte"].t)
