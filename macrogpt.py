@@ -1449,7 +1449,7 @@ def parse_checkpoint(raw, name="checkpoint"):
         raise CheckpointError("%s is damaged (truncated or edited: checksum mismatch); move it aside to start fresh" % name)
     try:
         return json.loads(text.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):           # RecursionError: nested deeper than json can parse
         raise CheckpointError("%s is damaged (body is not valid JSON)" % name)
 
 

@@ -63,6 +63,12 @@ class CheckpointTest(unittest.TestCase):
             with open(self.path, "rb") as f:
                 self.assertEqual(f.read(), blob)
 
+    def test_deeply_nested_body_is_refused_in_one_line(self):
+        body = b"[" * 100000 + b"]" * 100000                   # a correct digest: json itself gives up
+        raw = b"%s %d %s\n" % (M.CKPT_MAGIC.encode(), M.CKPT_VERSION, M.hashlib.sha256(body).hexdigest().encode())
+        with self.assertRaisesRegex(M.CheckpointError, "body is not valid JSON"):
+            M.parse_checkpoint(raw + body)
+
     def test_future_version_is_refused(self):
         save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
