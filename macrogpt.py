@@ -1482,7 +1482,7 @@ def restore_checkpoint(body, cfg=None, seed=0):
             version, internal, gauss = body["rng"]
             model.rng.setstate((version, tuple(internal), gauss))
         step, extra = body["step"], body.get("extra", {})
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
         raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
     if cfg is not None and cfg != saved_cfg:
         if all(getattr(cfg, f) == getattr(saved_cfg, f) for f in GROWABLE):
@@ -2206,7 +2206,7 @@ class Memory:
             raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))
         if version > MEMORY_VERSION:
             raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
-        if version == 0 and tables:
+        if (version == 0 and tables) or version < 0:
             raise MemoryStoreError("%s is an SQLite file but not a macrogpt database; pass another --db" % path)
         if version:
             self._check_intact(path, tables)
@@ -4588,7 +4588,7 @@ def _checked_header(path, data):
         raise HFError("%s is not a safetensors file (header length %d)" % (path, n))
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HFError("%s is damaged: its header is not JSON" % path)
     if not isinstance(header, dict):
         raise HFError("%s is damaged: its header is not a JSON object" % path)
@@ -4736,6 +4736,8 @@ def _read_json(path):
         raise HFError("cannot read %s: %s" % (path, e.strerror or e))
     except ValueError as e:
         raise HFError("%s is not valid JSON: %s" % (path, e))
+    except RecursionError:
+        raise HFError("%s is not valid JSON: nested too deeply" % path)
     if not isinstance(obj, dict):
         raise HFError("%s does not hold a JSON object" % path)
     return obj

@@ -86,14 +86,15 @@ class Fixtures:
             f.write("\n".join(corpus_lines()) + "\n")
         with open(join(CONFIG), "w", encoding="utf-8") as f:
             json.dump(TINY, f, indent=1)
-        session = M.Session(self.cfg, join(CORPUS), join(DB), join(CKPT), seed=0, workers=M.Workers(0, 0))
+        session = M.Session(self.cfg, join(CORPUS), join(DB), join(CKPT), seed=0, pool=M.Pool(0, 0))
         try:
             for line in ("how is the moon today?", "do you like the rain?"):
                 session.respond(line)
             session.command("/set top_k 20")
             brain = session.brain
             seq = brain.tok.encode(" ".join(corpus_lines()[:4]))[:13]
-            M.train_step(brain.model, brain.opt, [seq[:-1]], [seq[1:]], 0.01)
+            M.backward_step(brain.model, [seq[:-1]], [seq[1:]])
+            brain.opt.update(brain.model.named_params(), 0.01)
             brain.model.add_delta()
             rng = random.Random(0)
             for name, t in brain.model.delta_params():
@@ -395,7 +396,7 @@ class Case:
     def chat(self, cfg, lines=None):
         """The real REPL loop (piped input, no training) over lines, then the exit save."""
         data = "".join(line + "\n" for line in (lines or self.lines)).encode("utf-8", "surrogateescape")
-        session = M.Session(cfg, self.path(CORPUS), self.path(DB), self.path(CKPT), seed=0, workers=M.Workers(0, 0))
+        session = M.Session(cfg, self.path(CORPUS), self.path(DB), self.path(CKPT), seed=0, pool=M.Pool(0, 0))
         try:
             with quiet(data) as q:
                 try:
@@ -404,7 +405,7 @@ class Case:
                     self.output = q.output()
         finally:
             session.close()
-        M.Brain.load(self.path(CKPT), cfg)                  # what the exit saved loads again
+        M.Brain.load_or_fresh(self.path(CKPT), cfg)                  # what the exit saved loads again
 
     def run_cli(self, args, writable, lines=None):
         """The real program in this folder: exit 0, or exit 2 with one line `macrogpt: error: ...`."""
@@ -448,7 +449,7 @@ class Case:
         self.write()
         if self.cli:
             return self.run_cli(["--prompt", CHAT[1]], {CKPT, DB})
-        M.Brain.load(self.path(CKPT), self.fx.cfg)
+        M.Brain.load_or_fresh(self.path(CKPT), self.fx.cfg)
         self.writable |= {CKPT, DB}
         self.chat(self.fx.cfg)
 

@@ -199,3 +199,40 @@ class RetrievalTest(unittest.TestCase):
         mem = M.Memory(path)
         self.addCleanup(mem.close)
         self.assertEqual([t for _, t in mem.search_messages("where is Ljubljana?")], ["I live in Ljubljana"])
+
+
+class FuzzFoundTest(unittest.TestCase):
+    """Inputs tests/fuzz.py found that ended in a traceback."""
+
+    def test_a_negative_schema_version_is_refused_in_one_line(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        path = os.path.join(d, "memory.sqlite3")
+        M.Memory(path).close()
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA user_version = -2147483648")
+        db.close()
+        with self.assertRaisesRegex(M.MemoryStoreError, "not a macrogpt database"):
+            M.Memory(path)
+
+    def test_json_nested_too_deeply_is_refused_in_one_line(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        path = os.path.join(d, "config.json")
+        with open(path, "w") as f:
+            f.write('{"a": ' + "[" * 100000 + "]" * 100000 + "}")
+        with self.assertRaisesRegex(M.HFError, "nested too deeply"):
+            M._read_json(path)
+
+    def test_a_safetensors_header_nested_too_deeply_is_refused_in_one_line(self):
+        header = b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        data = __import__("struct").pack("<Q", len(header)) + header
+        with self.assertRaisesRegex(M.HFError, "header is not JSON"):
+            M._checked_header("model.safetensors", data)
+
+    def test_a_checkpoint_with_a_bad_random_state_is_refused_in_one_line(self):
+        model, opt = M.GPT(M.Config(n_layer=1, n_embd=8, n_head=2, block_size=8, seq_len=8), 20), None
+        body = M.parse_checkpoint(M.checkpoint_bytes(model, M.Adam(model.cfg), 0))
+        body["rng"][1][371] = -1572793180
+        with self.assertRaisesRegex(M.CheckpointError, "damaged"):
+            M.restore_checkpoint(body)
