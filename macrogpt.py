@@ -2558,6 +2558,10 @@ class Pending:
     def novelty(self):
         return self.novel / max(1, self.grams)
 
+    def enough(self, cfg):
+        """Whether there is enough new material for a burst."""
+        return self.bytes > 0 and (self.bytes >= cfg.qb_min_bytes or self.novelty >= cfg.qb_min_novelty)
+
 
 class Corpus:
     def __init__(self, cfg, memory, tok, heldout_lines, seed=0):
@@ -2872,6 +2876,7 @@ class Brain:
 
 WORKER_NICE = 10                          # workers yield the CPU to the chat process
 WORKER_TIMEOUT = 600.0                    # seconds without an answer before a worker counts as hung
+LOAD_TIMEOUT = 120.0                      # ... at least, for a load (a new process imports, then parses)
 
 
 def sample_starts(n_stream, n, length, rng, recent_from=None):
@@ -3048,15 +3053,15 @@ class WorkerLost(Exception):
     """A worker died, hung, or failed a step."""
 
 
-def _gather(conns, procs, seq, waiting):
+def _gather(conns, procs, seq, waiting, timeout):
     """Wait for the answer to call `seq` of every worker in `waiting` -> {worker: value}.
     An answer left over from a call cut short by a failure has another number and is dropped."""
-    replies, deadline = {}, time.monotonic() + WORKER_TIMEOUT
+    replies, deadline = {}, time.monotonic() + timeout
     conn_index = {id(c): i for i, c in enumerate(conns)}
     while len(replies) < len(waiting):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise WorkerLost("a worker did not answer for %.0f s" % WORKER_TIMEOUT)
+            raise WorkerLost("a worker did not answer for %.0f s" % timeout)
         pending = [i for i in waiting if i not in replies]
         for obj in multiprocessing.connection.wait([conns[i] for i in pending] + [procs[i].sentinel for i in pending],
                                                    min(left, 1.0)):
@@ -3133,7 +3138,7 @@ class Pool:
         """Stop every worker; returns within about two seconds whatever they are doing."""
         self._stop()
 
-    def _call(self, messages):
+    def _call(self, messages, timeout=None):
         """Send messages[i] (an op and its arguments) to worker i (None: skip) -> their answers."""
         self.seq += 1
         waiting = [i for i, msg in enumerate(messages) if msg is not None]
@@ -3142,7 +3147,7 @@ class Pool:
                 self.conns[i].send((self.seq,) + messages[i])
             except OSError:
                 raise WorkerLost("worker %d is gone" % i)
-        replies = _gather(self.conns, self.procs, self.seq, waiting)
+        replies = _gather(self.conns, self.procs, self.seq, waiting, timeout or WORKER_TIMEOUT)
         return [replies.get(i) for i in range(len(messages))]
 
     def _each(self, op, *args):
@@ -3160,7 +3165,7 @@ class Pool:
         else:
             if not self.procs or n_params > self.capacity:
                 self._start(int(n_params * 1.25) + 1024)   # room for some growth before a restart
-            self._call([(op_load, raw)] * self.n)
+            self._call([(op_load, raw)] * self.n, max(WORKER_TIMEOUT, LOAD_TIMEOUT))
         self.synced, self.step = True, brain.step
 
     def reset(self, brain):
@@ -3293,6 +3298,14 @@ def growth_row(brain, step, note):
                 heldout_bpb=h and h.mix_bpb, network_bpb=h and h.model_bpb, field_bpb=h and h.field_bpb)
 
 
+def steps_in(cfg, tokens_per_s, seconds):
+    """Steps the last job's speed fits in `seconds`, with room to spare (the job stops at
+    `seconds` anyway), so a timed job does not prepare teacher rows it never uses."""
+    if not tokens_per_s:
+        return 4
+    return max(1, int(1.5 * seconds * tokens_per_s / (cfg.batch_size * cfg.seq_len)) + 1)
+
+
 def run_job(pool, brain, cfg, stream, batches, teach, train_base, seconds=None, cycle=False):
     """In the job thread: a step per batch of start offsets into the stream, until `seconds` if
     given -> (losses, tokens, seconds). With cycle the learning rate follows idle_lr_at across
@@ -3331,24 +3344,42 @@ def pool_ask(pool, brain, method, *args):
             pool.recover(brain, str(e))
 
 
+class IdlePatience:
+    """Rehearsal has no new material to excuse a loss, yet a phase not kept may be noise: the
+    workers train on from it, and only the IDLE_PATIENCE-th in a row sends them back to the best.
+    Then the trainer rests, longer after each plateau, and tries as patiently again."""
+
+    def __init__(self, now):
+        self.rejects = 0                      # idle phases rolled back in a row
+        self.plateaus = 0                     # times rejects reached IDLE_PATIENCE, in a row
+        self.after = now                      # no idle phase before this time
+
+    def train_on(self):
+        """Whether the workers go on from a phase if it is not kept."""
+        return self.rejects + 1 < IDLE_PATIENCE
+
+    def judged(self, kept, now):
+        if kept:
+            self.rejects = self.plateaus = 0
+        elif self.train_on():
+            self.rejects += 1
+        else:
+            self.rejects, self.plateaus = 0, self.plateaus + 1
+            self.after = now + min(IDLE_BACKOFF_MAX, 120.0 * 2 ** min(self.plateaus - 1, 5))
+
+
 class Trainer:
     def __init__(self, cfg, corpus, memory, brain, pool, ckpt_path=None, now=time.time, seed=0):
         self.cfg, self.corpus, self.memory, self.brain, self.pool = cfg, corpus, memory, brain, pool
         self.ckpt_path, self.now, self.seed = ckpt_path, now, seed
         self.rng = random.Random(seed + brain.step)      # windows and delta growth
-        self.status, self.idle_rejects = "idle", 0       # idle_rejects: idle phases rolled back in a row
-        self.plateaus = 0                                # times idle_rejects reached IDLE_PATIENCE in a row
-        self.last_burst = self.last_save = self.idle_after = now()
+        self.status, self.last_burst = "idle", now()
+        self.last_save, self.patience = now(), IdlePatience(now())
         pool.reset(brain)
 
-    @property
-    def step(self):
-        """The optimizer steps the workers have taken (ahead of the brain's during a job)."""
-        return self.pool.step
-
     def shutdown(self):
-        """Stop the job in flight; keep the warmup steps taken since the last adopt if possible.
-        After warmup those steps belong to a burst or idle phase not yet judged: they are dropped."""
+        """Stop the job in flight; keep the warmup steps taken since the last adopt if possible
+        (after warmup they belong to a burst or idle phase not yet judged: they are dropped)."""
         if (self.pool.stop() and self.pool.synced and self.pool.step > self.brain.step
                 and not self.brain.progress.warmup_done):
             try:
@@ -3357,59 +3388,49 @@ class Trainer:
                 pass
         self.log_failures()
 
-    def health(self):
-        """A line for /status once workers were lost and replaced, else ''."""
-        return self.pool.note() if self.pool.restarts else ""
-
     async def job(self, steps, train_base, recent_from=None, seconds=None, cycle=False):
         """Train up to `steps` steps (or about `seconds`) on the living corpus."""
-        cfg, stream = self.cfg, self.corpus.stream()
+        cfg, stream, p = self.cfg, self.corpus.stream(), self.brain.progress
         if seconds is not None:
-            steps = min(steps, self.steps_in(seconds))
-        batches = [sample_starts(len(stream), cfg.batch_size, cfg.seq_len, self.rng, recent_from)
-                   for _ in range(steps)]
+            steps = min(steps, steps_in(cfg, p.tokens_per_s, seconds))
+        batches = [sample_starts(len(stream), cfg.batch_size, cfg.seq_len, self.rng, recent_from) for _ in range(steps)]
         teach = await self.corpus.teach(stream, batches, cfg.seq_len) if cfg.distill_beta else None
         try:
             losses, tokens, spent = await self.pool.beside(run_job, self.pool, self.brain, cfg, stream, batches,
                                                            teach, train_base, seconds, cycle)
         finally:
             self.log_failures()
-        p = self.brain.progress
         p.loss = sum(losses) / max(1, len(losses))
         p.tokens_per_s = tokens / max(1e-9, spent)
-
-    def steps_in(self, seconds):
-        """Steps the last job's speed fits in `seconds`, with room to spare (the job stops at
-        `seconds` anyway), so a timed job does not prepare teacher rows it never uses."""
-        tps, cfg = self.brain.progress.tokens_per_s, self.cfg
-        if not tps:
-            return 4
-        return max(1, int(1.5 * seconds * tps / (cfg.batch_size * cfg.seq_len)) + 1)
 
     def log_failures(self):
         for failure in self.pool.take_failures():
             self.memory.log_event("worker", "%s; workers restarted, training goes on" % failure)
 
+    async def ask(self, method, *args):
+        """A pool method, in the job thread."""
+        return await self.pool.beside(pool_ask, self.pool, self.brain, method, *args)
+
     async def _evidence(self):
         windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
-        return self.corpus.evidence(await self.pool.beside(pool_ask, self.pool, self.brain, self.pool.score, windows))
+        return self.corpus.evidence(await self.ask(self.pool.score, windows))
 
     async def adopt(self):
-        """The workers' state becomes the accepted brain."""
-        raw = await self.pool.beside(pool_ask, self.pool, self.brain, self.pool.pull)
-        self.brain.take_weights(Brain.from_bytes(raw, self.cfg, self.seed))      # about 0.1 s
+        """The workers' state becomes the accepted brain (about 0.1 s)."""
+        self.brain.take_weights(Brain.from_bytes(await self.ask(self.pool.pull), self.cfg, self.seed))
 
     def accept(self, h, best=None):
         """Held-out figures h become the reference of the voice (lambda) and of the forget guard."""
         p = self.brain.progress
         p.heldout, p.lam, p.best_nll = h, h.lam, h.nll if best is None else min(best, h.nll)
 
+    async def measure(self, note):
+        self.accept(await self._evidence())
+        self.log_growth(note)
+
     async def judge(self, label, tolerance, train_on=False):
         """Keep the workers' new state if held-out loss is at most `tolerance` above the best -> kept.
-
-        A state not kept is never adopted; with train_on the workers go on from it (the next phase
-        may carry it past the best), else they go back to the accepted brain.
-        """
+        A state not kept is never adopted; with train_on the workers go on from it."""
         h, best = await self._evidence(), self.brain.progress.best_nll
         change = (h.nll - best) / max(best, 1e-12) if best else 0.0
         kept = change <= tolerance
@@ -3436,29 +3457,16 @@ class Trainer:
             self.pool.reset(self.brain)
         return bool(added)
 
-    async def tokenizer_tick(self):
-        p = self.brain.progress
-        if (bpe_merges_due(self.cfg, self.corpus.n_bytes, p.bpe_chars) and self.pool.step != self.brain.step
-                and not p.warmup_done):
-            await self.adopt()                         # keep the warmup steps the workers took
-        grew = self.grow_tokenizer()
-        if grew and p.warmup_done:                     # the held-out bar must be measured again
-            self.accept(await self._evidence())
-            self.log_growth("vocabulary grew to %d" % self.brain.tok.vocab_size)
-        return grew
-
     async def warmup(self):
-        cfg = self.cfg
-        self.status = "warmup"
-        await self.job(cfg.warmup_steps - self.step, True, seconds=min(WARMUP_JOB_SECONDS, cfg.checkpoint_every_seconds))
-        done = self.step >= cfg.warmup_steps
+        cfg, self.status = self.cfg, "warmup"
+        await self.job(cfg.warmup_steps - self.pool.step, True, seconds=min(WARMUP_JOB_SECONDS, cfg.checkpoint_every_seconds))
+        done = self.pool.step >= cfg.warmup_steps
         if not done and self.now() - self.last_save < cfg.checkpoint_every_seconds:
             return
         await self.adopt()
         if done:
-            self.accept(await self._evidence())
+            await self.measure("warmup done")
             self.brain.progress.warmup_done = True
-            self.log_growth("warmup done")
             if cfg.freeze_base_after_warmup:
                 self.brain.model.add_delta()           # bursts need something to train
                 self.pool.reset(self.brain)
@@ -3467,23 +3475,20 @@ class Trainer:
         self.save()
 
     def burst_due(self):
-        cfg, pending = self.cfg, self.corpus.pending
-        return (self.brain.progress.warmup_done and pending.bytes > 0
-                and self.now() - self.last_burst >= cfg.qb_cooldown_seconds
-                and (pending.bytes >= cfg.qb_min_bytes or pending.novelty >= cfg.qb_min_novelty))
+        return (self.brain.progress.warmup_done and self.corpus.pending.enough(self.cfg)
+                and self.now() - self.last_burst >= self.cfg.qb_cooldown_seconds)
 
     async def burst(self):
         """Train the deltas on the new material; keep it only if the held-out slice allows."""
-        cfg = self.cfg
-        self.status = "burst"
+        cfg, self.status = self.cfg, "burst"
         recent, mark = self.corpus.take_pending()
         self.last_burst = self.now()
-        if self.idle_rejects:                          # the workers may hold an idle state not kept
+        if self.patience.rejects:                      # the workers may hold an idle state not kept
             self.pool.reset(self.brain)
-            self.idle_rejects = 0
+            self.patience.rejects = 0
         grow = self.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
         if grow:
-            await self.pool.beside(pool_ask, self.pool, self.brain, self.pool.add_delta)
+            await self.ask(self.pool.add_delta)
         await self.job(cfg.micro_steps, not cfg.freeze_base_after_warmup, recent_from=recent)
         self.brain.progress.bursts += 1
         kept = await self.judge("burst +delta" if grow else "burst", cfg.forget_tolerance)
@@ -3495,31 +3500,27 @@ class Trainer:
         self.status = "idle learning"
         await self.job(self.cfg.idle_steps, True, cycle=True)
         self.brain.progress.idle_phases += 1
-        # rehearsal has no new material to excuse a loss; a phase not kept may be noise, so the
-        # workers train on from it, and only the third in a row sends them back to the best
-        patient = self.idle_rejects + 1 < IDLE_PATIENCE
-        kept = await self.judge("idle", 0.0, train_on=patient)
-        if kept:
-            self.idle_rejects = self.plateaus = 0
-        elif patient:
-            self.idle_rejects += 1
-        else:                                          # a plateau: rest, then try as patiently again
-            self.idle_rejects, self.plateaus = 0, self.plateaus + 1
-            self.idle_after = self.now() + min(IDLE_BACKOFF_MAX, 120.0 * 2 ** min(self.plateaus - 1, 5))
+        kept = await self.judge("idle", 0.0, train_on=self.patience.train_on())
+        self.patience.judged(kept, self.now())
         return kept
 
     async def tick(self):
         """One unit of work -> True if something was done."""
-        if await self.tokenizer_tick():
-            return True
-        if not self.brain.progress.warmup_done:
+        p = self.brain.progress
+        if bpe_merges_due(self.cfg, self.corpus.n_bytes, p.bpe_chars):
+            if self.pool.step != self.brain.step and not p.warmup_done:
+                await self.adopt()                     # keep the warmup steps the workers took
+            if self.grow_tokenizer():
+                if p.warmup_done:                      # the held-out bar must be measured again
+                    await self.measure("vocabulary grew to %d" % self.brain.tok.vocab_size)
+                return True
+        if not p.warmup_done:
             await self.warmup()
-        elif self.brain.progress.best_nll is None:            # imported, or from an older checkpoint
-            self.accept(await self._evidence())
-            self.log_growth("measured")
+        elif p.best_nll is None:                       # imported, or from an older checkpoint
+            await self.measure("measured")
         elif self.burst_due():
             await self.burst()
-        elif self.cfg.idle_training and self.now() >= self.idle_after:
+        elif self.cfg.idle_training and self.now() >= self.patience.after:
             await self.idle()
         else:
             self.status = "waiting for new material"
@@ -3527,7 +3528,7 @@ class Trainer:
         return True
 
     def log_growth(self, note):
-        self.memory.log_growth(**growth_row(self.brain, self.step, note))
+        self.memory.log_growth(**growth_row(self.brain, self.pool.step, note))
 
     def save(self):
         if self.ckpt_path:
@@ -3962,7 +3963,7 @@ class Session:
 
     def status(self):
         b, cfg, p = self.brain, self.cfg, self.brain.progress
-        tps, step = p.tokens_per_s, self.trainer.step
+        tps, step = p.tokens_per_s, self.trainer.pool.step
         if not p.warmup_done:
             eta = warmup_eta(p, cfg, step)
             phase = "warmup step %d/%d | eta %s" % (step, cfg.warmup_steps, format_duration(eta))
@@ -3972,7 +3973,7 @@ class Session:
         loss = "%.3f" % p.loss if p.loss is not None else "-"
         lines = ["%s | loss %s | %s tok/s | trainer: %s%s"
                  % (phase, loss, "%.0f" % tps if tps else "-", self.trainer.status,
-                    " | " + self.trainer.health() if self.trainer.health() else "")]
+                    " | " + self.trainer.pool.note() if self.trainer.pool.restarts else "")]
         h = p.heldout
         if h:
             lines.append("held-out bits/byte: network %.3f | field %.3f | mix %.3f | lambda %.2f (%d bytes)"
@@ -4244,7 +4245,7 @@ async def chat(session, interactive, train, progress=None):
             for note in notes:
                 say("[%s]" % note)
             del notes[:]
-            for note in progress.lines(session.brain.progress, session.trainer.step) if progress else ():
+            for note in progress.lines(session.brain.progress, session.trainer.pool.step) if progress else ():
                 say(note)
             reader.ready()
     finally:

@@ -94,7 +94,7 @@ class TrainerTest(unittest.TestCase):
         self.assertTrue(t.burst_due())
         step = t.brain.step
         self.assertTrue(self.run_tick(t))
-        self.assertEqual(t.step, step + cfg.micro_steps)
+        self.assertEqual(t.pool.step, step + cfg.micro_steps)
         self.assertEqual(t.brain.progress.bursts, 1)
         t.corpus.add(["H: and the moon, where does it sleep?", "A: behind the hills."], "chat")
         self.assertFalse(t.burst_due())                          # within the 30 s cooldown
@@ -141,7 +141,7 @@ class TrainerTest(unittest.TestCase):
         self.run_tick(t)
         self.assertIs(t.brain, before_brain)
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
-        self.assertEqual(t.step, t.brain.step)                   # the rolled-back steps are gone
+        self.assertEqual(t.pool.step, t.brain.step)                   # the rolled-back steps are gone
         self.assertEqual(self.memory.rejected_bursts(), 1)
         self.assertEqual(M.Brain.load_or_fresh(self.ckpt, cfg).progress.bursts, 1)     # counted across a restart
         self.assertIn("rejected", self.memory.growth_rows()[-1]["note"])
@@ -166,11 +166,11 @@ class TrainerTest(unittest.TestCase):
         self.assertEqual(t.brain.progress.idle_phases, 1)
         self.assertIn("rejected idle", self.memory.growth_rows()[-1]["note"])
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)   # never adopted
-        self.assertEqual((t.brain.step, t.step), (step, step + 6))      # the workers train on from it
+        self.assertEqual((t.brain.step, t.pool.step), (step, step + 6))      # the workers train on from it
         for phases in range(2, M.IDLE_PATIENCE + 1):             # one rollback may be noise: try again
             self.assertTrue(self.run_tick(t))
             self.assertEqual(t.brain.progress.idle_phases, phases)
-        self.assertEqual((t.brain.step, t.step), (step, step))          # the third: back to the best
+        self.assertEqual((t.brain.step, t.pool.step), (step, step))          # the third: back to the best
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
         self.assertFalse(self.run_tick(t))                       # a plateau: rest for two minutes
         self.clock.t += 119
@@ -178,9 +178,9 @@ class TrainerTest(unittest.TestCase):
         self.clock.t += 2
         for phases in range(1, M.IDLE_PATIENCE):                 # then try as patiently as before
             self.assertTrue(self.run_tick(t))
-            self.assertEqual((t.brain.step, t.step), (step, step + 6 * phases))
+            self.assertEqual((t.brain.step, t.pool.step), (step, step + 6 * phases))
         self.assertTrue(self.run_tick(t))
-        self.assertEqual((t.brain.step, t.step), (step, step))
+        self.assertEqual((t.brain.step, t.pool.step), (step, step))
         self.assertFalse(self.run_tick(t))                       # then rest for four
         self.clock.t += 239
         self.assertFalse(self.run_tick(t))
@@ -197,7 +197,7 @@ class TrainerTest(unittest.TestCase):
         weights = {n: [list(r) for r in p.data] for n, p in t.brain.model.named_params()}
         step = t.brain.step
         asyncio.run(t.job(4, True))                              # an idle phase cut short by /quit
-        self.assertEqual(t.step, step + 4)
+        self.assertEqual(t.pool.step, step + 4)
         t.shutdown()
         self.assertEqual(t.brain.step, step)
         self.assertEqual({n: p.data for n, p in t.brain.model.named_params()}, weights)
@@ -208,7 +208,7 @@ class TrainerTest(unittest.TestCase):
         best, step = t.brain.progress.best_nll, t.brain.step
         t.brain.progress.best_nll = best / 2
         self.assertTrue(self.run_tick(t))                        # an idle phase, not kept
-        self.assertEqual(t.step, step + 6)
+        self.assertEqual(t.pool.step, step + 6)
         t.brain.progress.best_nll = best
         self.clock.t += 100
         t.corpus.add(["H: where does the river go at night?", "A: it goes to the sea."], "chat")
