@@ -2221,7 +2221,7 @@ class Memory:
                     self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
             elif version < MEMORY_VERSION:
                 self._migrate(version)
-            self._open_index()
+            self.index = MessageIndex(self.db)
         except sqlite3.Error as e:
             raise MemoryStoreError("cannot use database %s: %s" % (path, e))
 
@@ -2271,79 +2271,18 @@ class Memory:
             i = self.db.execute("INSERT INTO messages (time, role, text) VALUES (?, ?, ?)",
                                 (time.time(), role, text_to_bytes(text))).lastrowid
             if role == "user" and not is_question(text):
-                self._index(i, text)
+                self.index.add(i, text)
         return i
-
-    def _open_index(self):
-        """Make the message index current: FTS5 if this SQLite has it, else the term table.
-        Nothing is written when it is (a database another program holds locked still opens)."""
-        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
-        self.fts = "message_fts" in tables
-        if not tables & {"message_fts", "message_terms"}:
-            try:
-                self.db.execute("CREATE VIRTUAL TABLE message_fts USING fts5(terms)")
-                self.fts = True
-            except sqlite3.OperationalError:                   # no FTS5 module
-                self.db.execute("CREATE TABLE message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
-                self.db.execute("CREATE INDEX message_terms_term ON message_terms (term, id)")
-        last = ("SELECT COALESCE(MAX(rowid), 0) FROM message_fts" if self.fts
-                else "SELECT COALESCE(MAX(id), 0) FROM message_terms")
-        done = self.db.execute(last).fetchone()[0]
-        rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
-                               (done,)).fetchall()
-        rows = [(i, bytes_to_text(bytes(raw))) for i, raw in rows]
-        rows = [(i, text) for i, text in rows if not is_question(text)]
-        if rows:                                       # messages a version without the index stored
-            with self.transaction():
-                for i, text in rows:
-                    self._index(i, text)
-
-    def _index(self, i, text):
-        terms = search_terms(text)
-        if self.fts:
-            self.db.execute("INSERT INTO message_fts (rowid, terms) VALUES (?, ?)", (i, " ".join(terms)))
-        else:
-            self.db.executemany("INSERT INTO message_terms (term, id) VALUES (?, ?)", [(t, i) for t in set(terms)])
-
-    def _term_counts(self, terms, before):
-        """-> (messages indexed before id `before`, {term: how many of them hold it})."""
-        if self.fts:
-            n = self.db.execute("SELECT COUNT(*) FROM message_fts WHERE rowid < ?", (before,)).fetchone()[0]
-            sql = "SELECT COUNT(*) FROM message_fts WHERE message_fts MATCH ? AND rowid < ?"
-            return n, {t: self.db.execute(sql, ('"%s"' % t.replace('"', '""'), before)).fetchone()[0] for t in terms}
-        n = self.db.execute("SELECT COUNT(DISTINCT id) FROM message_terms WHERE id < ?", (before,)).fetchone()[0]
-        sql = "SELECT COUNT(*) FROM message_terms WHERE term = ? AND id < ?"
-        return n, {t: self.db.execute(sql, (t, before)).fetchone()[0] for t in terms}
-
-    @_guarded
-    def search_messages(self, text, k=3, before=None):
-        """The k user messages stored before id `before` that best share terms with text, best
-        first -> [(id, text)]. A message qualifies only by sharing a rare term (held by at most
-        RARE_SHARE of the messages, or one): sharing "what" and "is" is no reason to recall it."""
-        before = before or 1 << 62
-        n, df = self._term_counts(sorted(set(search_terms(text))), before)
-        rare = {t for t, c in df.items() if 0 < c <= max(1, RARE_SHARE * n)}
-        if not rare:
-            return []
-        if self.fts:
-            query = " OR ".join('"%s"' % t.replace('"', '""') for t in rare)
-            ids = [r[0] for r in self.db.execute(
-                "SELECT rowid FROM message_fts WHERE message_fts MATCH ? AND rowid < ? ORDER BY rank LIMIT ?",
-                (query, before, k))]
-        else:
-            score = Counter()
-            for t in sorted(rare):
-                idf = math.log(1.0 + (n - df[t] + 0.5) / (df[t] + 0.5))        # BM25's idf, tf taken as 1
-                for (i,) in self.db.execute("SELECT id FROM message_terms WHERE term = ? AND id < ?", (t, before)):
-                    score[i] += idf
-            ids = [i for i, _ in sorted(score.items(), key=lambda kv: (-kv[1], -kv[0]))[:k]]
-        rows = dict(self.db.execute("SELECT id, text FROM messages WHERE id IN (%s)" % ",".join("?" * len(ids)), ids))
-        return [(i, bytes_to_text(bytes(rows[i]))) for i in ids]
 
     @_guarded
     def recent_messages(self, n):
         rows = self.db.execute("SELECT role, text FROM messages ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [(role, bytes_to_text(bytes(text))) for role, text in reversed(rows)]
+
+    @_guarded
+    def search_messages(self, text, k=3, before=None):
+        """The k user statements stored before id `before` that best share terms with text -> [(id, text)]."""
+        return self.index.search(text, k, before)
 
     @_guarded
     def message_count(self):
@@ -2438,6 +2377,76 @@ class Memory:
     def set_state(self, key, value):
         with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+
+class MessageIndex:
+    """The user's statements, searchable by their words (see search_terms), in one connection."""
+
+    def __init__(self, db):
+        """Make the message index current: FTS5 if this SQLite has it, else the term table.
+        Nothing is written when it is (a database another program holds locked still opens)."""
+        self.db = db
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+        self.fts = "message_fts" in tables
+        if not tables & {"message_fts", "message_terms"}:
+            try:
+                self.db.execute("CREATE VIRTUAL TABLE message_fts USING fts5(terms)")
+                self.fts = True
+            except sqlite3.OperationalError:                   # no FTS5 module
+                self.db.execute("CREATE TABLE message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
+                self.db.execute("CREATE INDEX message_terms_term ON message_terms (term, id)")
+        last = ("SELECT COALESCE(MAX(rowid), 0) FROM message_fts" if self.fts
+                else "SELECT COALESCE(MAX(id), 0) FROM message_terms")
+        done = self.db.execute(last).fetchone()[0]
+        rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
+                               (done,)).fetchall()
+        rows = [(i, bytes_to_text(bytes(raw))) for i, raw in rows]
+        rows = [(i, text) for i, text in rows if not is_question(text)]
+        if rows:                                       # messages a version without the index stored
+            with _Transaction(self.db):
+                for i, text in rows:
+                    self.add(i, text)
+
+    def add(self, i, text):
+        terms = search_terms(text)
+        if self.fts:
+            self.db.execute("INSERT INTO message_fts (rowid, terms) VALUES (?, ?)", (i, " ".join(terms)))
+        else:
+            self.db.executemany("INSERT INTO message_terms (term, id) VALUES (?, ?)", [(t, i) for t in set(terms)])
+
+    def _term_counts(self, terms, before):
+        """-> (messages indexed before id `before`, {term: how many of them hold it})."""
+        if self.fts:
+            n = self.db.execute("SELECT COUNT(*) FROM message_fts WHERE rowid < ?", (before,)).fetchone()[0]
+            sql = "SELECT COUNT(*) FROM message_fts WHERE message_fts MATCH ? AND rowid < ?"
+            return n, {t: self.db.execute(sql, ('"%s"' % t.replace('"', '""'), before)).fetchone()[0] for t in terms}
+        n = self.db.execute("SELECT COUNT(DISTINCT id) FROM message_terms WHERE id < ?", (before,)).fetchone()[0]
+        sql = "SELECT COUNT(*) FROM message_terms WHERE term = ? AND id < ?"
+        return n, {t: self.db.execute(sql, (t, before)).fetchone()[0] for t in terms}
+
+    def search(self, text, k=3, before=None):
+        """The k user messages stored before id `before` that best share terms with text, best
+        first -> [(id, text)]. A message qualifies only by sharing a rare term (held by at most
+        RARE_SHARE of the messages, or one): sharing "what" and "is" is no reason to recall it."""
+        before = before or 1 << 62
+        n, df = self._term_counts(sorted(set(search_terms(text))), before)
+        rare = {t for t, c in df.items() if 0 < c <= max(1, RARE_SHARE * n)}
+        if not rare:
+            return []
+        if self.fts:
+            query = " OR ".join('"%s"' % t.replace('"', '""') for t in rare)
+            ids = [r[0] for r in self.db.execute(
+                "SELECT rowid FROM message_fts WHERE message_fts MATCH ? AND rowid < ? ORDER BY rank LIMIT ?",
+                (query, before, k))]
+        else:
+            score = Counter()
+            for t in sorted(rare):
+                idf = math.log(1.0 + (n - df[t] + 0.5) / (df[t] + 0.5))        # BM25's idf, tf taken as 1
+                for (i,) in self.db.execute("SELECT id FROM message_terms WHERE term = ? AND id < ?", (t, before)):
+                    score[i] += idf
+            ids = [i for i, _ in sorted(score.items(), key=lambda kv: (-kv[1], -kv[0]))[:k]]
+        rows = dict(self.db.execute("SELECT id, text FROM messages WHERE id IN (%s)" % ",".join("?" * len(ids)), ids))
+        return [(i, bytes_to_text(bytes(rows[i]))) for i in ids]
 
 
 def _is_sqlite_file(path):

@@ -149,24 +149,24 @@ class RetrievalTest(unittest.TestCase):
 
     def filled(self, name, own_index, n=20000):
         if own_index:                                  # as on an SQLite without FTS5
-            real = M.Memory._open_index
+            real = M.MessageIndex.__init__
 
-            def without_fts(mem):
-                mem.db.execute("CREATE TABLE message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
-                mem.db.execute("CREATE INDEX message_terms_term ON message_terms (term, id)")
-                return real(mem)
-            M.Memory._open_index = without_fts
-            self.addCleanup(setattr, M.Memory, "_open_index", real)
+            def without_fts(index, db):
+                db.execute("CREATE TABLE message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
+                db.execute("CREATE INDEX message_terms_term ON message_terms (term, id)")
+                real(index, db)
+            M.MessageIndex.__init__ = without_fts
+            self.addCleanup(setattr, M.MessageIndex, "__init__", real)
         mem = M.Memory(os.path.join(self.dir, name))
         self.addCleanup(mem.close)
-        self.assertEqual(mem.fts, not own_index)
+        self.assertEqual(mem.index.fts, not own_index)
         rng = random.Random(1)
         words = ["sea", "rain", "bread", "lamp", "road", "song", "tea", "stone", "cloud", "garden"]
         with mem.transaction():
             for i in range(n):
                 text = "I like the %s and the %s %d" % (rng.choice(words), rng.choice(words), i % 50)
                 mem.db.execute("INSERT INTO messages (time, role, text) VALUES (0, 'user', ?)", (M.text_to_bytes(text),))
-                mem._index(mem.db.execute("SELECT MAX(id) FROM messages").fetchone()[0], text)
+                mem.index.add(mem.db.execute("SELECT MAX(id) FROM messages").fetchone()[0], text)
         return mem
 
     def check_finds_a_fact_among_many(self, own_index):
