@@ -2510,11 +2510,22 @@ def is_heldout(line, every):
     return int.from_bytes(digest[:8], "big") % every == 0
 
 
+def exchanges(lines):
+    """Lines in units: an 'H: ' line with the 'A: ' line after it, any other line alone."""
+    units, i = [], 0
+    while i < len(lines):
+        n = 2 if lines[i].startswith("H: ") and i + 1 < len(lines) and lines[i + 1].startswith("A: ") else 1
+        units.append(lines[i:i + n])
+        i += n
+    return units
+
+
 def split_heldout(lines, every):
-    """-> (training lines, held-out lines), each in file order."""
+    """-> (training lines, held-out lines), each in file order. An exchange goes one way, chosen
+    by its question, so a held-out answer is scored after its own question."""
     train, held = [], []
-    for line in lines:
-        (held if is_heldout(line, every) else train).append(line)
+    for unit in exchanges(lines):
+        (held if is_heldout(unit[0], every) else train).extend(unit)
     return train, held
 
 
@@ -2603,13 +2614,19 @@ class Corpus:
         self.field = NGramField(self.cfg.field_order, tok.vocab_size, self.cfg.field_discount)
         self.field.rebuild(self.ids.values())
         self.teacher = {}
-        # every n-th held-out line, so a slice larger than the cap is sampled across the whole file
-        encoded = [tok.encode(line) + [EOS] for line in self.heldout_lines]
-        every = max(1, -(-sum(map(len, encoded)) // HELDOUT_MAX_TOKENS))
-        held = [t for ids in encoded[::every] for t in ids]
-        self.heldout_stream = [EOS] + held[:HELDOUT_MAX_TOKENS]
+        # each held-out exchange is a window of its own (the answer read after its question, as
+        # the voice reads it); every n-th, so a slice larger than the cap spans the whole file
+        units = [[EOS] + [t for line in unit for t in tok.encode(line) + [EOS]] for unit in exchanges(self.heldout_lines)]
+        every = max(1, -(-sum(len(u) - 1 for u in units) // HELDOUT_MAX_TOKENS))
+        self.heldout_units, n = [], 0
+        for unit in units[::every]:
+            if n + len(unit) - 1 > HELDOUT_MAX_TOKENS:
+                continue                               # a smaller one further on may fit
+            self.heldout_units.append(unit)
+            n += len(unit) - 1
+        self.heldout_windows = [w for u in self.heldout_units for w in heldout_windows(u, self.cfg.block_size)]
         # bytes of text scored; each line end (EOS) counts as one byte, like a newline
-        self.heldout_bytes = sum(len(tok.token_bytes(t)) or 1 for t in self.heldout_stream[1:])
+        self.heldout_bytes = sum(len(tok.token_bytes(t)) or 1 for u in self.heldout_units for t in u[1:])
         self.version += 1
 
     # -- lines in and out ---------------------------------------------------------------------
@@ -2749,10 +2766,12 @@ class Corpus:
     def field_probs(self):
         """Field probability of every held-out token, context = the tokens earlier in its line."""
         if self._field_probs is None or self._field_probs[0] != self.version:
-            out, line = [], []
-            for cur, nxt in zip(self.heldout_stream, self.heldout_stream[1:]):
-                line = [] if cur == EOS else line + [cur]
-                out.append(self.field.prob(line, nxt))
+            out = []
+            for u in self.heldout_units:
+                line = []
+                for cur, nxt in zip(u, u[1:]):
+                    line = [] if cur == EOS else line + [cur]
+                    out.append(self.field.prob(line, nxt))
             self._field_probs = (self.version, out)
         return self._field_probs[1]
 
@@ -3421,8 +3440,7 @@ class Trainer:
         return await self.pool.beside(pool_ask, self.pool, self.brain, method, *args)
 
     async def _evidence(self):
-        windows = heldout_windows(self.corpus.heldout_stream, self.cfg.block_size)
-        return self.corpus.evidence(await self.ask(self.pool.score, windows))
+        return self.corpus.evidence(await self.ask(self.pool.score, self.corpus.heldout_windows))
 
     async def adopt(self):
         """The workers' state becomes the accepted brain (about 0.1 s)."""
@@ -4276,7 +4294,7 @@ async def chat(session, interactive, train, progress=None):
 
 
 # ======================================================================================
-# Eval: held-out bits per byte of network, field and mix on a file, one document per line.
+# Eval: bits per byte of network, field and mix on a file, lines alone or in their conversation.
 # ======================================================================================
 
 def brain_for_reading(cfg, corpus_path, ckpt_path, seed=0):
@@ -4290,32 +4308,72 @@ def brain_for_reading(cfg, corpus_path, ckpt_path, seed=0):
     return brain
 
 
+def read_conversations(path):
+    """An eval file -> its conversations, lists of lines. A dialogue file (every line 'H: ' or
+    'A: ', a blank line between conversations) keeps them; in any other file each line is alone."""
+    convs, cur = [], []
+    for raw in bytes_to_text(read_bytes(path, "eval file")).splitlines() + [""]:
+        if raw.strip():
+            cur.append(" ".join(raw.split()))
+        elif cur:
+            convs, cur = convs + [cur], []
+    lines = [line for conv in convs for line in conv]
+    if len(convs) > 1 and all(line.startswith(("H: ", "A: ")) for line in lines):
+        return convs
+    return [[line] for line in lines]
+
+
+def line_probs(model, field, tok, before, text, block_size):
+    """The network's and the field's probability of each token of a line and its EOS, the network
+    reading the lines before it (as much as fits its window), the field the line so far."""
+    ids = tok.encode(text) + [EOS]
+    context = [EOS] + [t for line in before for t in tok.encode(line) + [EOS]]
+    room = block_size + 1 - len(ids)
+    if room > 0:
+        pm = target_probs(model, [context[-room:] + ids])[-len(ids):]
+    else:                                                      # longer than the window: alone
+        pm = target_probs(model, heldout_windows([EOS] + ids, block_size))
+    return list(zip(pm, [field.prob(ids[:i], t) for i, t in enumerate(ids)]))
+
+
 def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_progress=False):
-    lines = read_corpus_file(path, "eval file")
-    if not lines:
+    """Bits per byte of network, field and mix on a file: each line of a dialogue file with its
+    conversation before it, as the voice's prompt has it (answers reported apart), else each line alone."""
+    convs = read_conversations(path)
+    if not convs:
         raise MacroError("eval file %s has no non-blank lines to score" % path)
     brain = brain_for_reading(cfg, corpus_path, ckpt_path, seed)
     train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
     field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
     for line in train:
         field.add(brain.tok.encode(line))
-    pairs, n_bytes = [], 0
-    meter = Meter("eval", len(lines), show_progress)
-    for done, text in enumerate(lines):
+    pairs, answers, n_bytes, n_answer = [], [], 0, 0
+    meter = Meter("eval", len(convs), show_progress)
+    for done, conv in enumerate(convs):
         meter.update(done)
-        ids = brain.tok.encode(text) + [EOS]
-        pm = target_probs(brain.model, heldout_windows([EOS] + ids, cfg.block_size))
-        pf = [field.prob(ids[:i], t) for i, t in enumerate(ids)]
-        pairs.extend(zip(pm, pf))
-        n_bytes += len(text_to_bytes(text)) + 1                # + 1 for the line end
+        for k, text in enumerate(conv):
+            scored = line_probs(brain.model, field, brain.tok, conv[:k], text, cfg.block_size)
+            pairs.extend(scored)
+            n_bytes += len(text_to_bytes(text)) + 1            # + 1 for the line end
+            if text.startswith("A: "):
+                answers.extend(scored)
+                n_answer += len(text_to_bytes(text)) + 1
     meter.finish()
     lam = brain.progress.lam
-    result = {name: round(bits_per_byte(mix_nll(pairs, weight), n_bytes), 4)
-              for name, weight in (("network", 1.0), ("field", 0.0), ("mix", lam))}
-    result.update({"bytes": n_bytes, "lines": len(lines), "lambda": lam, "step": brain.step,
-                   "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None})
+
+    def figures(pairs, n):
+        return {name: round(bits_per_byte(mix_nll(pairs, weight), n), 4)
+                for name, weight in (("network", 1.0), ("field", 0.0), ("mix", lam))}
+    result = figures(pairs, n_bytes)
+    result.update({"bytes": n_bytes, "lines": sum(map(len, convs)), "conversations": len(convs), "lambda": lam,
+                   "step": brain.step, "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None})
     out("%s: %d bytes in %d lines | bits/byte: network %.3f | field %.3f | mix %.3f (lambda %.2f, step %d)"
-        % (path, n_bytes, len(lines), result["network"], result["field"], result["mix"], lam, brain.step))
+        % (path, n_bytes, result["lines"], result["network"], result["field"], result["mix"], lam, brain.step))
+    if answers:
+        result["answers"] = dict(figures(answers, n_answer), bytes=n_answer)
+        a = result["answers"]
+        out("answers with their conversation before them: %d bytes | network %.3f | field %.3f | mix %.3f"
+            % (n_answer, a["network"], a["field"], a["mix"]))
     out(json.dumps(result, sort_keys=True))
     return result
 

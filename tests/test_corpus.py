@@ -149,26 +149,33 @@ class CorpusTest(CorpusCase):
         self.assertEqual(len(s.memory.corpus_rows()), 40)
 
     def test_the_judges_slice_samples_the_whole_held_out_text(self):
-        cap = 80
+        cap = 140
         with mock.patch.object(M, "HELDOUT_MAX_TOKENS", cap):
             s = self.session()
         corpus, tok = s.corpus, s.brain.tok
-        encoded = [tok.encode(line) for line in corpus.heldout_lines]
-        self.assertGreater(sum(len(ids) + 1 for ids in encoded), 2 * cap)     # the cap matters here
-        stream = corpus.heldout_stream
-        self.assertEqual(stream[0], M.EOS)
-        self.assertLessEqual(len(stream) - 1, cap)
-        whole, line = [], []                           # the lines the slice holds whole
-        for t in stream[1:]:
-            if t == M.EOS:
-                whole.append(encoded.index(line))
-                line = []
-            else:
-                line.append(t)
+        units = M.exchanges(corpus.heldout_lines)
+        encoded = [[t for line in unit for t in tok.encode(line) + [M.EOS]] for unit in units]
+        self.assertGreater(sum(map(len, encoded)), 2 * cap)       # the cap matters here
+        self.assertLessEqual(sum(len(u) - 1 for u in corpus.heldout_units), cap)
+        whole = [encoded.index(u[1:]) for u in corpus.heldout_units]   # each unit whole, after an EOS
+        self.assertTrue(all(u[0] == M.EOS for u in corpus.heldout_units))
         self.assertEqual(whole, sorted(whole))
         self.assertEqual(whole[0], 0)
         self.assertGreaterEqual(whole[-1], len(encoded) // 2)      # not just the first lines
-        self.assertEqual(corpus.heldout_bytes, sum(len(tok.token_bytes(t)) or 1 for t in stream[1:]))
+        self.assertEqual([t for w in corpus.heldout_windows for t in w[1:]],
+                         [t for u in corpus.heldout_units for t in u[1:]])   # windows cover the units
+        self.assertEqual(corpus.heldout_bytes,
+                         sum(len(tok.token_bytes(t)) or 1 for u in corpus.heldout_units for t in u[1:]))
+
+    def test_an_answer_is_held_out_with_its_question(self):
+        lines = ["H: q%d" % i if i % 2 == 0 else "A: a%d" % i for i in range(400)] + ["prose line"]
+        train, held = M.split_heldout(lines, 5)
+        self.assertTrue(held)
+        for unit in M.exchanges(held):
+            if unit[0].startswith("H: "):
+                self.assertEqual(len(unit), 2)
+                self.assertEqual(lines.index(unit[1]), lines.index(unit[0]) + 1)
+        self.assertFalse(set(held) & set(train))
 
 
 class TeacherTest(CorpusCase):

@@ -107,7 +107,7 @@ class GrowthLogTest(unittest.TestCase):
         brain = M.Brain.fresh(cfg, seed=1)
         corpus = M.Corpus(cfg, mem, brain.tok, heldout)
         trainer = M.Trainer(cfg, corpus, mem, brain, M.Pool(0), now=Clock())
-        n = len(corpus.heldout_stream) - 1
+        n = sum(len(w) - 1 for w in corpus.heldout_windows)
         h = corpus.evidence([0.05] * n)                      # a network that gives each token 1/20
         brain.progress.heldout = h
         trainer.log_growth("warmup done")
