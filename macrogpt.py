@@ -2054,8 +2054,12 @@ class Lexicon:
 
     def _allows(self, tail, may_end, added, rest, starts):
         """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail."""
-        if added is None or (added and rest) or not self._fits(tail + added):
+        if added is None or not self._fits(tail + added):
             return False
+        if rest and added:                         # whole characters, then the start of another:
+            m = TRAILING_LETTERS_RE.search(tail + added)          # " \xd0" starts a Cyrillic word
+            tail = m.group() if m else ""
+            starts = self._starts(tail, not tail or tail in self.words)
         return not rest or rest in starts
 
     def guard(self, probs, tok, data):
@@ -2426,10 +2430,14 @@ class MessageIndex:
 
     def search(self, text, k=3, before=None):
         """The k user messages stored before id `before` that best share terms with text, best
-        first -> [(id, text)]. A message qualifies only by sharing a rare term (held by at most
-        RARE_SHARE of the messages, or one): sharing "what" and "is" is no reason to recall it."""
+        first -> [(id, text)]. A message qualifies by sharing a rare term (held by at most
+        RARE_SHARE of the messages, or one): sharing "what" and "is" is no reason to recall it;
+        and by leaving at most one of its own rare terms unasked: "my dog is called Rex" answers
+        "what is my dog called?" with its one new term, "my aunt's name is Ann" tells nothing
+        about "what is my wife's name?"."""
         before = before or 1 << 62
-        n, df = self._term_counts(sorted(set(search_terms(text))), before)
+        asked = set(search_terms(text))
+        n, df = self._term_counts(sorted(asked), before)
         rare = {t for t, c in df.items() if 0 < c <= max(1, RARE_SHARE * n)}
         if not rare:
             return []
@@ -2437,16 +2445,28 @@ class MessageIndex:
             query = " OR ".join('"%s"' % t.replace('"', '""') for t in rare)
             ids = [r[0] for r in self.db.execute(
                 "SELECT rowid FROM message_fts WHERE message_fts MATCH ? AND rowid < ? ORDER BY rank LIMIT ?",
-                (query, before, k))]
+                (query, before, 4 * k))]
         else:
             score = Counter()
             for t in sorted(rare):
                 idf = math.log(1.0 + (n - df[t] + 0.5) / (df[t] + 0.5))        # BM25's idf, tf taken as 1
                 for (i,) in self.db.execute("SELECT id FROM message_terms WHERE term = ? AND id < ?", (t, before)):
                     score[i] += idf
-            ids = [i for i, _ in sorted(score.items(), key=lambda kv: (-kv[1], -kv[0]))[:k]]
+            ids = [i for i, _ in sorted(score.items(), key=lambda kv: (-kv[1], -kv[0]))[:4 * k]]
         rows = dict(self.db.execute("SELECT id, text FROM messages WHERE id IN (%s)" % ",".join("?" * len(ids)), ids))
-        return [(i, bytes_to_text(bytes(rows[i]))) for i in ids]
+        found = []
+        for i in ids:
+            line = bytes_to_text(bytes(rows[i]))
+            unasked = {t for t in search_terms(line) if not any(same_word(t, a) for a in asked)}
+            counts = self._term_counts(sorted(unasked), before)[1]
+            if sum(1 for t in unasked if counts[t] <= max(1, RARE_SHARE * n)) <= 1:
+                found.append((i, line))
+        return found[:k]
+
+
+def same_word(a, b):
+    """Equal, or one a prefix of the other and both of four letters or more: live, lives."""
+    return a == b or (min(len(a), len(b)) >= 4 and (a.startswith(b) or b.startswith(a)))
 
 
 def _is_sqlite_file(path):
@@ -3713,8 +3733,7 @@ class Voice:
     def generate(self, brain, field, lam, history, user_text, local=None, lexicon=None, remembered=()):
         cfg, tok, model = self.cfg, brain.tok, brain.model
         prompt = self.prompt_ids(tok, history, user_text, remembered)
-        memory_lines = [(0.5 ** k, [EOS] + tok.encode(format_turn("user", text)) + [EOS])
-                        for k, text in enumerate(remembered)]
+        memory_lines = [(1.0, [EOS] + tok.encode(format_turn("user", text)) + [EOS]) for text in remembered[:1]]
         news = news_ids(tok, memory_lines, user_text)
         memory_lines = [(w, ids) for w, ids in memory_lines if news.intersection(ids)]   # nothing to add: no use
         line = tok.encode("A:")                          # the field sees only the current line
