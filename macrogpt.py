@@ -4329,9 +4329,8 @@ HF_RMS_EPS = 1e-6                         # the eps of rmsnorm and _rmsnorm_row
 HF_EXPORT_FORMAT = 1                      # version of the "macrogpt" block in config.json
 HF_MAX_HEADER = 100 * 1024 * 1024         # safetensors' own limit on the JSON header
 HF_ADAPTER_DIR = "adapter"                # where --export-lora puts the PEFT adapter inside DIR
-# safetensors dtype -> struct code of one value. An export is F32, but save_pretrained writes the
-# dtype a model is held in, and a Llama is commonly held (torch_dtype) in float16 or bfloat16.
-HF_DTYPES = {"F32": "f", "F64": "d", "F16": "e", "BF16": "H"}     # BF16: the top 16 bits of an F32
+# Exports are F32, but save_pretrained writes the dtype a model is held in: Llamas often F16/BF16.
+HF_DTYPES = {"F32": "f", "F64": "d", "F16": "e", "BF16": "H"}     # -> struct code; BF16: an F32's top half
 # Each Block part's Llama module under model.layers.N, in the order an export writes them.
 HF_BLOCK_NAMES = (("ln1", "input_layernorm"), ("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"),
                   ("wv", "self_attn.v_proj"), ("wo", "self_attn.o_proj"), ("fc_g", "mlp.gate_proj"),
@@ -4343,26 +4342,6 @@ HF_PROBE = ("".join(map(chr, range(0x20, 0x7F))) + " \t\n\x1c\xa0\u3000  x \u00e
 class HFError(MacroError):
     """A Hugging Face directory that cannot be written, or holds what macrogpt cannot represent."""
 
-
-def hf_params(model):
-    """[(Llama module name, Linear or Tensor)]: the one name table of export and import, lm_head last."""
-    out = [("model.embed_tokens", model.wte)]
-    for i, blk in enumerate(model.blocks):
-        out.extend(("model.layers.%d.%s" % (i, hf), getattr(blk, ours)) for ours, hf in HF_BLOCK_NAMES)
-    return out + [("model.norm", model.lnf), ("lm_head", model.lm_head)]
-
-
-def hf_linears(model):
-    """[(Llama module name, Linear)] for every linear that carries deltas."""
-    return [(name, p) for name, p in hf_params(model) if isinstance(p, Linear)]
-
-
-def hf_shape(name, rows):
-    """The Llama shape of a module's rows: its norms' (1, C) gains are 1-D."""
-    return [len(rows[0])] if name.endswith("norm") else [len(rows), len(rows[0])]
-
-
-# -- the tokenizer as `tokenizers` JSON --------------------------------------------------------
 
 def byte_alphabet():
     """The 256 characters that stand for bytes 0..255 in a byte-level vocabulary (GPT-2's map)."""
@@ -4422,7 +4401,22 @@ def hf_tokenizer_json(tok):
             "post_processor": None, "decoder": dict(byte_level), "model": model}
 
 
-# -- the weights and configs of an export --------------------------------------------------------
+def hf_params(model):
+    """[(Llama module name, Linear or Tensor)]: the one name table of export and import, lm_head last."""
+    out = [("model.embed_tokens", model.wte)]
+    for i, blk in enumerate(model.blocks):
+        out.extend(("model.layers.%d.%s" % (i, hf), getattr(blk, ours)) for ours, hf in HF_BLOCK_NAMES)
+    return out + [("model.norm", model.lnf), ("lm_head", model.lm_head)]
+
+
+def hf_linears(model):
+    """[(Llama module name, Linear)] for every linear that carries deltas."""
+    return [(name, p) for name, p in hf_params(model) if isinstance(p, Linear)]
+
+
+def hf_shape(name, rows):                       # Llama's norms hold our (1, C) gains as 1-D tensors
+    return [len(rows[0])] if name.endswith("norm") else [len(rows), len(rows[0])]
+
 
 def hf_tensors(model, merge=True):
     """[(Llama tensor name, shape, rows)], deltas merged unless merge is False (the LoRA's base)."""
@@ -4590,11 +4584,8 @@ def _check_export_target(out_dir, force):
 
 
 def write_hf_dir(folder, brain, lora_base=None):
-    """Every file of the export into an empty folder -> the tensors of its model.safetensors.
-
-    With lora_base (the folder's final path) the weights are the base alone, and the deltas
-    go to folder/adapter as a PEFT LoRA adapter of that base.
-    """
+    """Every file of the export into an empty folder -> its model.safetensors tensors. With
+    lora_base (the folder's final path), the base alone, and the deltas as a LoRA adapter of it."""
     model, cfg = brain.model, brain.model.cfg
     tensors = hf_tensors(model, merge=lora_base is None)
     tied = all(name != "lm_head.weight" for name, _, _ in tensors)
@@ -4637,12 +4628,9 @@ def _swap_in(tmp, out_dir):
 
 
 def export_hf(brain, out_dir, force=False, lora=False):
-    """Write the brain as a Hugging Face Llama directory -> [(name, shape, rows)] written.
-
-    lora: the base unmerged, and the deltas as a PEFT adapter in DIR/adapter. The files go into
-    a hidden folder beside DIR that is renamed into place at the end, so an interrupted export
-    leaves DIR as it was (or absent), never half written.
-    """
+    """Write the brain as a Hugging Face Llama directory (lora: the base, and the deltas as a PEFT
+    adapter in DIR/adapter) -> [(name, shape, rows)] written. The files go into a hidden folder
+    beside DIR, renamed into place at the end: an interrupted export leaves DIR as it was."""
     out_dir = os.path.normpath(out_dir)
     _check_export_target(out_dir, force)
     if lora and not brain.model.n_deltas:
@@ -4713,11 +4701,8 @@ def check_hf_config(hf, cfg, path):
 
 
 def _splits_like_piece_re(pattern):
-    """Whether an exported split pattern acts as PIECE_RE on a probe of many scripts.
-
-    Compared by behavior, not text: a pattern written by a Python with other Unicode tables
-    differs only in characters assigned since, which macrogpt reads with its own PIECE_RE anyway.
-    """
+    """Whether an exported split pattern acts as PIECE_RE on a probe of many scripts. By behavior,
+    not text: a Python with other Unicode tables writes other ranges for characters assigned since."""
     regex = pattern.get("Regex") if isinstance(pattern, dict) else None
     if not isinstance(regex, str):
         return False
@@ -4798,8 +4783,7 @@ def _take(tensors, name, shape, where):
 
 
 def _fill_model(model, tensors, tied_hf, where):
-    """Copy Llama tensors into a fresh GPT, shaped as its own; refuse biases, leftovers and a
-    head Config cannot hold."""
+    """Copy Llama tensors into a fresh GPT; refuse biases, leftovers and a head Config cannot hold."""
     bias = sorted(n for n in tensors if n.endswith(".bias"))
     if bias:
         raise HFError("%s has bias tensors (%s); macrogpt's layers have none" % (where, bias[0]))
@@ -4825,12 +4809,9 @@ def _fill_model(model, tensors, tied_hf, where):
 
 
 def brain_from_hf(hf_dir, cfg, seed=0):
-    """A Brain from a Hugging Face Llama directory, merged (no deltas) and warmed up.
-
-    As after warmup, one empty delta is appended (under freeze_base_after_warmup), so bursts
-    train deltas over the base it was given. lambda starts at 0 (the weights may have changed
-    elsewhere, so old evidence is void) until the trainer measures the held-out slice.
-    """
+    """A Brain from a Hugging Face Llama directory, warmed up: as after warmup, bursts train a
+    delta over the base it was given, and lambda is 0 (the weights may have changed elsewhere, so
+    old evidence is void) until the trainer measures the held-out slice."""
     hf = _read_json(os.path.join(hf_dir, "config.json"))
     check_hf_config(hf, cfg, hf_dir)
     tok = tokenizer_from_hf(_read_json(os.path.join(hf_dir, "tokenizer.json")), hf_dir)
