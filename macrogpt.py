@@ -4414,15 +4414,16 @@ def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_pro
 HF_SPECIALS = ((BOS, "<BOS>"), (EOS, "<EOS>"), (PAD, "<PAD>"))
 HF_RMS_EPS = 1e-6                         # the eps of rmsnorm and _rmsnorm_row
 HF_EXPORT_FORMAT = 1                      # version of the "macrogpt" block in config.json
-HF_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}     # safetensors dtype -> bytes per value
 HF_MAX_HEADER = 100 * 1024 * 1024         # safetensors' own limit on the JSON header
 HF_ADAPTER_DIR = "adapter"                # where --export-lora puts the PEFT adapter inside DIR
+# Exports are F32, but save_pretrained writes the dtype a model is held in: Llamas often F16/BF16.
+HF_DTYPES = {"F32": "f", "F64": "d", "F16": "e", "BF16": "H"}     # -> struct code; BF16: an F32's top half
+# Each Block part's Llama module under model.layers.N, in the order an export writes them.
+HF_BLOCK_NAMES = (("ln1", "input_layernorm"), ("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"),
+                  ("wv", "self_attn.v_proj"), ("wo", "self_attn.o_proj"), ("fc_g", "mlp.gate_proj"),
+                  ("fc_v", "mlp.up_proj"), ("fc2", "mlp.down_proj"), ("ln2", "post_attention_layernorm"))
 HF_PROBE = ("".join(map(chr, range(0x20, 0x7F))) + " \t\n\x1c\xa0\u3000  x \u00e9e\u0301 \u00b2\u00bd\u2160 "
             "\u4e16\u754c\u3002 \u043c\u0438\u0440 \u0645\u0631\u062d\u0628\u0627 \u0663\u0664 \U0001F642\U0001F642 a_b1")
-_HF_REGEX = []                            # hf_piece_regex(), once computed
-HF_LINEAR_NAMES = (("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"), ("wv", "self_attn.v_proj"),
-                   ("wo", "self_attn.o_proj"), ("fc_g", "mlp.gate_proj"), ("fc_v", "mlp.up_proj"),
-                   ("fc2", "mlp.down_proj"))
 
 
 class HFError(MacroError):
@@ -4430,31 +4431,16 @@ class HFError(MacroError):
 
 
 def byte_alphabet():
-    """The 256 characters that stand for bytes 0..255 in a byte-level vocabulary (GPT-2's map).
-
-    Printable Latin-1 bytes stand for themselves; the rest (controls, space, 0x7f-0xa0, 0xad)
-    take 256, 257, ... in byte order, so every token string is printable and space-free.
-    """
+    """The 256 characters that stand for bytes 0..255 in a byte-level vocabulary (GPT-2's map)."""
     keep = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
+    moved = [b for b in range(256) if b not in keep]        # controls, space, 0x7f-0xa0, 0xad
+    return [chr(b) if b in keep else chr(256 + moved.index(b)) for b in range(256)]
 
 
 def _code_point_ranges(pattern):
-    """[(first, last)] code points a one-character Python regex matches, surrogates left out."""
-    gap = 0xE000 - 0xD800
-    text = "".join(map(chr, chain(range(0xD800), range(0xE000, 0x110000))))
-    out = []
-    for m in re.finditer("(?:%s)+" % pattern, text):
-        first, last = m.start(), m.end() - 1
-        out.append((first + gap if first >= 0xD800 else first, last + gap if last >= 0xD800 else last))
-    return out
+    """[(first, last)] code points a one-character Python regex matches."""
+    text = "".join(map(chr, range(0x110000)))
+    return [(m.start(), m.end() - 1) for m in re.finditer("(?:%s)+" % pattern, text)]
 
 
 def _onig_class(ranges, negate=False):
@@ -4463,6 +4449,7 @@ def _onig_class(ranges, negate=False):
     return "[%s%s]" % ("^" if negate else "", "".join(parts))
 
 
+@functools.lru_cache(maxsize=None)
 def hf_piece_regex():
     """PIECE_RE for `tokenizers` (Oniguruma): same alternatives, classes as explicit ranges.
 
@@ -4471,34 +4458,23 @@ def hf_piece_regex():
     Oniguruma's property classes do not reproduce, so the classes are listed range by range.
     Computed once per process (a scan of every code point, ~0.3 s).
     """
-    if _HF_REGEX:
-        return _HF_REGEX[0]
     letters, digits, spaces = (_code_point_ranges(p) for p in (r"[^\W\d_]", r"\d", r"\s"))
     others = _onig_class(sorted(letters + digits + spaces), negate=True)   # [^\w\s] or "_"
     space, not_space = _onig_class(spaces), _onig_class(spaces, negate=True)
-    _HF_REGEX.append(" ?%s+| ?%s+| ?%s+|%s+(?!%s)|%s+" % (_onig_class(letters), _onig_class(digits),
-                                                          others, space, not_space, space))
-    return _HF_REGEX[0]
-
-
-def hf_token_strings(tok):
-    """Every id's string in the byte-level vocabulary; raises HFError if two ids share bytes."""
-    alphabet = byte_alphabet()
-    names = dict(HF_SPECIALS)
-    out, seen = [], {}
-    for i in range(tok.vocab_size):
-        s = names.get(i) or "".join(alphabet[b] for b in tok.token_bytes(i))
-        if s in seen:
-            raise HFError("tokens %d and %d stand for the same bytes; the Hugging Face BPE format "
-                          "gives one id per string" % (seen[s], i))
-        seen[s] = i
-        out.append(s)
-    return out
+    return " ?%s+| ?%s+| ?%s+|%s+(?!%s)|%s+" % (_onig_class(letters), _onig_class(digits),
+                                                 others, space, not_space, space)
 
 
 def hf_tokenizer_json(tok):
-    """The `tokenizers` JSON of macrogpt's tokenizer (the file transformers reads as tokenizer.json)."""
-    strings = hf_token_strings(tok)
+    """The `tokenizers` JSON of macrogpt's tokenizer; raises HFError if two ids share bytes."""
+    alphabet, names, vocab = byte_alphabet(), dict(HF_SPECIALS), {}
+    for i in range(tok.vocab_size):
+        s = names.get(i) or "".join(alphabet[b] for b in tok.token_bytes(i))
+        if s in vocab:
+            raise HFError("tokens %d and %d stand for the same bytes; the Hugging Face BPE format "
+                          "gives one id per string" % (vocab[s], i))
+        vocab[s] = i
+    strings = list(vocab)                       # in id order
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for i, s in HF_SPECIALS]
     split = {"type": "Split", "pattern": {"Regex": hf_piece_regex()},
@@ -4506,47 +4482,41 @@ def hf_tokenizer_json(tok):
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
              "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-             "vocab": {s: i for i, s in enumerate(strings)},
-             "merges": ["%s %s" % (strings[a], strings[b]) for a, b in tok.merges]}
+             "vocab": vocab, "merges": ["%s %s" % (strings[a], strings[b]) for a, b in tok.merges]}
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
             "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
             "post_processor": None, "decoder": dict(byte_level), "model": model}
 
 
-def hf_linears(model):
-    """[(Llama module path, Linear)] for every linear that carries deltas."""
-    out = []
+def hf_params(model):
+    """[(Llama module name, Linear or Tensor)]: the one name table of export and import, lm_head last."""
+    out = [("model.embed_tokens", model.wte)]
     for i, blk in enumerate(model.blocks):
-        out.extend(("model.layers.%d.%s" % (i, hf), getattr(blk, ours)) for ours, hf in HF_LINEAR_NAMES)
-    return out + [("lm_head", model.lm_head)]
+        out.extend(("model.layers.%d.%s" % (i, hf), getattr(blk, ours)) for ours, hf in HF_BLOCK_NAMES)
+    return out + [("model.norm", model.lnf), ("lm_head", model.lm_head)]
+
+
+def hf_linears(model):
+    """[(Llama module name, Linear)] for every linear that carries deltas."""
+    return [(name, p) for name, p in hf_params(model) if isinstance(p, Linear)]
+
+
+def hf_shape(name, rows):                       # Llama's norms hold our (1, C) gains as 1-D tensors
+    return [len(rows[0])] if name.endswith("norm") else [len(rows), len(rows[0])]
 
 
 def hf_tensors(model, merge=True):
-    """[(Llama tensor name, shape, rows)], deltas merged unless merge is False (the LoRA's base).
-
-    lm_head is written when it differs from wte, which a tied head does once its deltas are
-    merged in, and always for a LoRA base.
-    """
-    def matrix(name, rows):
-        return name, [len(rows), len(rows[0])], rows
-
-    def vector(name, gain):                    # a (1, C) gain is a 1-D tensor in Llama
-        return name, [len(gain.data[0])], gain.data
-    out = [matrix("model.embed_tokens.weight", model.wte.data)]
-    for i, blk in enumerate(model.blocks):
-        pre = "model.layers.%d." % i
-        out.append(vector(pre + "input_layernorm.weight", blk.ln1))
-        out.extend(matrix(pre + hf + ".weight", _weight_of(getattr(blk, ours), merge)) for ours, hf in HF_LINEAR_NAMES)
-        out.append(vector(pre + "post_attention_layernorm.weight", blk.ln2))
-    out.append(vector("model.norm.weight", model.lnf))
-    head = _weight_of(model.lm_head, merge)
-    if head != model.wte.data or not merge:   # a LoRA head shared with wte would merge into both
-        out.append(matrix("lm_head.weight", head))
+    """[(Llama tensor name, shape, rows)], deltas merged unless merge is False (the LoRA's base)."""
+    out = []
+    for name, p in hf_params(model):
+        if isinstance(p, Linear):
+            rows = p.effective() if merge else p.weight.data
+        else:
+            rows = p.data
+        if name == "lm_head" and merge and rows == model.wte.data:
+            continue                            # tied; a LoRA head shared with wte would merge into both
+        out.append((name + ".weight", hf_shape(name, rows), rows))
     return out
-
-
-def _weight_of(lin, merge):
-    return lin.effective() if merge else lin.weight.data
 
 
 def hf_lora_tensors(model):
@@ -4557,10 +4527,10 @@ def hf_lora_tensors(model):
     alpha_k A_k side by side in lora_B.
     """
     out = []
-    for path, lin in hf_linears(model):
+    for name, lin in hf_linears(model):
         lora_a = [row for d in lin.deltas for row in d.B.data]
         lora_b = [[d.alpha * v for d in lin.deltas for v in d.A.data[i]] for i in range(len(lin.weight.data))]
-        pre = "base_model.model." + path
+        pre = "base_model.model." + name
         out.append((pre + ".lora_A.weight", [len(lora_a), len(lora_a[0])], lora_a))
         out.append((pre + ".lora_B.weight", [len(lora_b), len(lora_b[0])], lora_b))
     return out
@@ -4571,7 +4541,7 @@ def hf_lora_config(model, base_path):
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
             "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
             "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-            "target_modules": sorted({path.rsplit(".", 1)[-1] for path, _ in hf_linears(model)})}
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in hf_linears(model)})}
 
 
 def hf_config(model, tied, progress, step):
@@ -4590,40 +4560,21 @@ def hf_config(model, tied, progress, step):
                          "bpe_chars": progress.bpe_chars}}
 
 
-def hf_generation_config(cfg):
-    return {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "do_sample": True,
-            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-            "max_new_tokens": cfg.max_gen_tokens}
-
-
-def hf_tokenizer_files(cfg):
-    """tokenizer_config.json and special_tokens_map.json: ids come from tokenizer.json alone."""
-    names = {"bos_token": "<BOS>", "eos_token": "<EOS>", "pad_token": "<PAD>"}
-    config = dict(names, tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.block_size,
-                  add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False)
-    return config, names
-
-
 # -- safetensors: 8-byte little-endian header length, JSON header, raw little-endian data ----
 
-def safetensors_header(tensors):
-    """[(name, shape, rows)] -> header bytes padded with spaces so the data starts 8-byte aligned."""
+def write_safetensors(path, tensors):
+    """[(name, shape, rows)] -> an F32 file whose header is padded with spaces to align the data."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, rows in tensors:
         size = 4 * len(rows) * len(rows[0])
         header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return text + b" " * (-len(text) % 8)
-
-
-def write_safetensors(path, tensors):
-    header = safetensors_header(tensors)
+    text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
+        f.write(struct.pack("<Q", len(text)) + text)
         for _, _, rows in tensors:
-            flat = array.array("f", [v for r in rows for v in r])
+            flat = array.array("f", [v for r in rows for v in r])     # array saturates to inf; struct would raise
             if sys.byteorder != "little":
                 flat.byteswap()
             f.write(flat.tobytes())
@@ -4631,57 +4582,45 @@ def write_safetensors(path, tensors):
         os.fsync(f.fileno())
 
 
-def _decode_values(raw, dtype):
-    """Little-endian bytes of one tensor -> a list of Python floats."""
-    if dtype == "F16":
-        return list(struct.unpack("<%de" % (len(raw) // 2), raw))
-    if dtype == "BF16":                        # the top half of a float32
-        halves = array.array("H", raw)
-        if sys.byteorder != "little":
-            halves.byteswap()
-        widened = array.array("I", [h << 16 for h in halves])
-        return array.array("f", widened.tobytes()).tolist()
-    flat = array.array("f" if dtype == "F32" else "d", raw)
-    if sys.byteorder != "little":
-        flat.byteswap()
-    return flat.tolist()
+def _json_object(data, what):
+    """UTF-8 bytes -> a JSON object, or HFError saying what is not one."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError as e:                    # UnicodeDecodeError included
+        raise HFError("%s is not JSON: %s" % (what, e))
+    except RecursionError:
+        raise HFError("%s is not JSON: nested too deeply" % what)
+    if not isinstance(obj, dict):
+        raise HFError("%s is not a JSON object" % what)
+    return obj
 
 
-def _header_entries(path, header):
-    """Validate each tensor entry -> [(begin, end, name)] sorted by begin."""
-    out = []
+def _checked_header(path, data):
+    """Validate a safetensors file's bytes -> (its header without __metadata__, where the data starts)."""
+    if len(data) < 8:
+        raise HFError("%s is not a safetensors file (too short)" % path)
+    n = struct.unpack("<Q", data[:8])[0]
+    if n > min(HF_MAX_HEADER, len(data) - 8):
+        raise HFError("%s is not a safetensors file (header length %d)" % (path, n))
+    header = _json_object(data[8:8 + n], "%s is damaged: its header" % path)
+    header.pop("__metadata__", None)
+    spans = []
     for name, t in header.items():
         try:
             (a, b), dtype = t["data_offsets"], t["dtype"]
             count = 1
             for d in t["shape"]:
                 count *= int(d)
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise HFError("%s is damaged: tensor %s has no valid dtype/shape/data_offsets" % (path, name))
-        if dtype not in HF_DTYPES:
+        if not isinstance(dtype, str) or dtype not in HF_DTYPES:
             raise HFError("%s: tensor %s is %s; macrogpt reads F32, F16, BF16 and F64" % (path, name, dtype))
-        if not (isinstance(a, int) and isinstance(b, int)) or b - a != count * HF_DTYPES[dtype]:
+        size = count * struct.calcsize("<" + HF_DTYPES[dtype])
+        if not (isinstance(a, int) and isinstance(b, int)) or b - a != size:
             raise HFError("%s is damaged: tensor %s does not fit its data_offsets" % (path, name))
-        out.append((a, b, name))
-    return sorted(out)
-
-
-def _checked_header(path, data):
-    """Parse and validate a safetensors header -> (tensor entries, data start)."""
-    if len(data) < 8:
-        raise HFError("%s is not a safetensors file (too short)" % path)
-    n = struct.unpack("<Q", data[:8])[0]
-    if n > min(HF_MAX_HEADER, len(data) - 8):
-        raise HFError("%s is not a safetensors file (header length %d)" % (path, n))
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (ValueError, RecursionError):
-        raise HFError("%s is damaged: its header is not JSON" % path)
-    if not isinstance(header, dict):
-        raise HFError("%s is damaged: its header is not a JSON object" % path)
-    header.pop("__metadata__", None)
+        spans.append((a, b, name))
     end = 0
-    for a, b, name in _header_entries(path, header):
+    for a, b, name in sorted(spans):
         if a != end:                           # the spec: no gaps, no overlaps
             raise HFError("%s is damaged: tensor %s does not start where the previous one ends" % (path, name))
         end = b
@@ -4698,17 +4637,15 @@ def read_safetensors(path):
     out = {}
     for name, t in header.items():
         a, b = t["data_offsets"]
-        out[name] = (list(t["shape"]), _decode_values(data[start + a:start + b], t["dtype"]))
+        code = HF_DTYPES[t["dtype"]]
+        values = struct.unpack("<%d%s" % ((b - a) // struct.calcsize("<" + code), code), data[start + a:start + b])
+        if t["dtype"] == "BF16":
+            values = struct.unpack("<%df" % len(values), struct.pack("<%dI" % len(values), *[h << 16 for h in values]))
+        out[name] = (list(t["shape"]), list(values))
     return out
 
 
 # -- export ----------------------------------------------------------------------------------
-
-def _json_file(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
 
 def _is_export_file(path):
     """A file an export writes, or the adapter folder of --export-lora holding only such files."""
@@ -4734,67 +4671,31 @@ def _check_export_target(out_dir, force):
 
 
 def write_hf_dir(folder, brain, lora_base=None):
-    """Every file of the export into an existing empty folder.
-
-    With lora_base (the final path of the folder), the weights are the base alone and the
-    deltas go to folder/adapter as a PEFT LoRA adapter whose base is that path.
-    """
+    """Every file of the export into an empty folder -> its model.safetensors tensors. With
+    lora_base (the folder's final path), the base alone, and the deltas as a LoRA adapter of it."""
     model, cfg = brain.model, brain.model.cfg
     tensors = hf_tensors(model, merge=lora_base is None)
-    tied = all(t[0] != "lm_head.weight" for t in tensors)
-    tokenizer = hf_tokenizer_json(brain.tok)
-    tok_config, specials = hf_tokenizer_files(cfg)
-    _json_file(os.path.join(folder, "config.json"), hf_config(model, tied, brain.progress, brain.step))
-    _json_file(os.path.join(folder, "generation_config.json"), hf_generation_config(cfg))
-    _json_file(os.path.join(folder, "tokenizer.json"), tokenizer)
-    _json_file(os.path.join(folder, "tokenizer_config.json"), tok_config)
-    _json_file(os.path.join(folder, "special_tokens_map.json"), specials)
-    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+    tied = all(name != "lm_head.weight" for name, _, _ in tensors)
+    specials = {"bos_token": "<BOS>", "eos_token": "<EOS>", "pad_token": "<PAD>"}     # ids: tokenizer.json's
+    files = {"config.json": hf_config(model, tied, brain.progress, brain.step),
+             "generation_config.json": {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
+                                        "do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k,
+                                        "top_p": cfg.top_p, "max_new_tokens": cfg.max_gen_tokens},
+             "tokenizer.json": hf_tokenizer_json(brain.tok),
+             "tokenizer_config.json": dict(specials, tokenizer_class="PreTrainedTokenizerFast",
+                                           model_max_length=cfg.block_size, add_bos_token=False,
+                                           add_eos_token=False, clean_up_tokenization_spaces=False),
+             "special_tokens_map.json": specials}
     if lora_base is not None:
-        adapter = os.path.join(folder, HF_ADAPTER_DIR)
-        os.mkdir(adapter)
-        _json_file(os.path.join(adapter, "adapter_config.json"), hf_lora_config(model, lora_base))
-        write_safetensors(os.path.join(adapter, "adapter_model.safetensors"), hf_lora_tensors(model))
+        os.mkdir(os.path.join(folder, HF_ADAPTER_DIR))
+        files[os.path.join(HF_ADAPTER_DIR, "adapter_config.json")] = hf_lora_config(model, lora_base)
+        write_safetensors(os.path.join(folder, HF_ADAPTER_DIR, "adapter_model.safetensors"), hf_lora_tensors(model))
+    for name, obj in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
     return tensors
-
-
-def export_hf(brain, out_dir, force=False, lora=False):
-    """Write the brain as a Hugging Face Llama directory -> [(name, shape, rows)] written.
-
-    lora: the base unmerged, and the deltas as a PEFT adapter in DIR/adapter.
-    DIR appears only once it is complete.
-    The files go into a hidden folder beside DIR that is renamed into place at the end, so
-    an interrupted export leaves DIR as it was (or absent) and never half written.
-    """
-    out_dir = os.path.normpath(out_dir)
-    _check_export_target(out_dir, force)
-    if lora and not brain.model.n_deltas:
-        raise HFError("the checkpoint has no delta adapters yet; --export writes the whole model")
-    tmp = _fresh_folder(out_dir)
-    try:
-        tensors = write_hf_dir(tmp, brain, os.path.abspath(out_dir) if lora else None)
-        _swap_in(tmp, out_dir)
-        return tensors
-    except OSError as e:
-        raise HFError("cannot write export %s: %s" % (out_dir, e.strerror or e))
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fresh_folder(out_dir):
-    """A new hidden folder beside out_dir, made with the user's umask (mkdtemp's is 0700)."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    for n in range(1000):
-        tmp = os.path.join(parent, ".%s.export-%d-%d" % (os.path.basename(out_dir), os.getpid(), n))
-        try:
-            os.mkdir(tmp)
-            return tmp
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise HFError("cannot write to %s: %s" % (parent, e.strerror or e))
-    raise HFError("cannot make a temporary folder in %s" % parent)
 
 
 def _swap_in(tmp, out_dir):
@@ -4813,21 +4714,36 @@ def _swap_in(tmp, out_dir):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def export_hf(brain, out_dir, force=False, lora=False):
+    """Write the brain as a Hugging Face Llama directory (lora: the base, and the deltas as a PEFT
+    adapter in DIR/adapter) -> [(name, shape, rows)] written. The files go into a hidden folder
+    beside DIR, renamed into place at the end: an interrupted export leaves DIR as it was."""
+    out_dir = os.path.normpath(out_dir)
+    _check_export_target(out_dir, force)
+    if lora and not brain.model.n_deltas:
+        raise HFError("the checkpoint has no delta adapters yet; --export writes the whole model")
+    hidden = os.path.join(os.path.dirname(os.path.abspath(out_dir)),
+                          ".%s.export-%d-" % (os.path.basename(out_dir), os.getpid()))
+    n = 0
+    while os.path.lexists(hidden + str(n)):
+        n += 1
+    tmp = hidden + str(n)
+    try:
+        os.mkdir(tmp)                          # with the user's umask (mkdtemp's is 0700)
+        tensors = write_hf_dir(tmp, brain, os.path.abspath(out_dir) if lora else None)
+        _swap_in(tmp, out_dir)
+        return tensors
+    except OSError as e:
+        raise HFError("cannot write export %s: %s" % (out_dir, e.strerror or e))
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 # -- import ----------------------------------------------------------------------------------
 
 def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except OSError as e:
-        raise HFError("cannot read %s: %s" % (path, e.strerror or e))
-    except ValueError as e:
-        raise HFError("%s is not valid JSON: %s" % (path, e))
-    except RecursionError:
-        raise HFError("%s is not valid JSON: nested too deeply" % path)
-    if not isinstance(obj, dict):
-        raise HFError("%s does not hold a JSON object" % path)
-    return obj
+    return _json_object(read_bytes(path, "", HFError), path)
 
 
 def _hf_rope_theta(hf, path):
@@ -4850,7 +4766,7 @@ def check_hf_config(hf, cfg, path):
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
         if not _is_kind(hf.get(key), "int") or hf[key] <= 0:
             raise HFError("%s: config.json has %s = %r; a positive integer is needed" % (path, key, hf.get(key)))
-    heads = hf.get("num_attention_heads")
+    heads = hf["num_attention_heads"]
     fixed = (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
              ("num_key_value_heads", heads), ("rms_norm_eps", HF_RMS_EPS),
              ("intermediate_size", 4 * hf["hidden_size"]))
@@ -4862,30 +4778,18 @@ def check_hf_config(hf, cfg, path):
     shapes = (("num_hidden_layers", "n_layer"), ("hidden_size", "n_embd"), ("num_attention_heads", "n_head"),
               ("max_position_embeddings", "block_size"))
     for key, field in shapes:
-        if hf.get(key) != getattr(cfg, field):
+        if hf[key] != getattr(cfg, field):
             raise HFError('%s has %s %r but Config.%s is %r; put "%s": %s in a --config file'
-                          % (path, key, hf.get(key), field, getattr(cfg, field), field, json.dumps(hf.get(key))))
+                          % (path, key, hf[key], field, getattr(cfg, field), field, json.dumps(hf[key])))
     theta = _hf_rope_theta(hf, path)
     if theta != cfg.rope_base:
         raise HFError('%s has rope_theta %r but Config.rope_base is %r; put "rope_base": %s in a --config file'
                       % (path, theta, cfg.rope_base, json.dumps(theta)))
 
 
-def _merge_pair_strings(entry):
-    """A merges entry, "a b" (tokenizers < 0.20) or ["a", "b"] -> (a, b)."""
-    parts = entry.split(" ") if isinstance(entry, str) else entry
-    if not isinstance(parts, list) or len(parts) != 2:
-        raise ValueError(entry)
-    return parts
-
-
 def _splits_like_piece_re(pattern):
-    """Whether an exported split pattern behaves as PIECE_RE on a probe of many scripts.
-
-    Compared by behavior, not text: the ranges of a pattern written by a Python with other
-    Unicode tables differ only in characters assigned since, and macrogpt reads those with
-    its own PIECE_RE anyway.
-    """
+    """Whether an exported split pattern acts as PIECE_RE on a probe of many scripts. By behavior,
+    not text: a Python with other Unicode tables writes other ranges for characters assigned since."""
     regex = pattern.get("Regex") if isinstance(pattern, dict) else None
     if not isinstance(regex, str):
         return False
@@ -4901,9 +4805,8 @@ def _check_tokenizer_pipeline(tj, path):
     model, pre = tj.get("model"), tj.get("pre_tokenizer")
     if not isinstance(model, dict) or not isinstance(pre, dict):
         raise HFError("%s has no BPE model or pre-tokenizer" % path)
-    options = {"type": "BPE", "byte_fallback": False, "continuing_subword_prefix": None,
-               "end_of_word_suffix": None, "dropout": None}
-    if any(model.get(k, v if k != "type" else None) != v for k, v in options.items()) or model.get("ignore_merges"):
+    plain = {"byte_fallback": False, "continuing_subword_prefix": None, "end_of_word_suffix": None, "dropout": None}
+    if model.get("type") != "BPE" or model.get("ignore_merges") or any(model.get(k, v) != v for k, v in plain.items()):
         raise HFError("%s is not a plain byte-level BPE; macrogpt imports its own tokenizer layout only" % path)
     steps = pre.get("pretokenizers") or []
     if not isinstance(steps, list) or not all(isinstance(st, dict) for st in steps):
@@ -4929,10 +4832,10 @@ def tokenizer_from_hf(tj, path):
     pairs = []
     try:
         for rank, entry in enumerate(merges):
-            a, b = _merge_pair_strings(entry)
-            if vocab[a + b] != N_BASE_VOCAB + rank:
+            pair = entry.split(" ") if isinstance(entry, str) else entry    # "a b" until tokenizers 0.20, then ["a", "b"]
+            if not isinstance(pair, list) or len(pair) != 2 or vocab[pair[0] + pair[1]] != N_BASE_VOCAB + rank:
                 raise ValueError(entry)
-            pairs.append((vocab[a], vocab[b]))
+            pairs.append((vocab[pair[0]], vocab[pair[1]]))
         return Tokenizer(pairs)
     except (KeyError, TypeError, ValueError) as e:
         raise HFError("%s: merge %s does not make the next id in order, as macrogpt's merges do" % (path, e))
@@ -4971,26 +4874,20 @@ def _fill_model(model, tensors, tied_hf, where):
     bias = sorted(n for n in tensors if n.endswith(".bias"))
     if bias:
         raise HFError("%s has bias tensors (%s); macrogpt's layers have none" % (where, bias[0]))
-    cfg, V = model.cfg, model.vocab_size
-    C, H = cfg.n_embd, 4 * cfg.n_embd
-    model.wte.data = _take(tensors, "model.embed_tokens.weight", [V, C], where)
-    shapes = {"wq": [C, C], "wk": [C, C], "wv": [C, C], "wo": [C, C], "fc_g": [H, C], "fc_v": [H, C], "fc2": [C, H]}
-    for i, blk in enumerate(model.blocks):
-        pre = "model.layers.%d." % i
-        blk.ln1.data = _take(tensors, pre + "input_layernorm.weight", [C], where)
-        blk.ln2.data = _take(tensors, pre + "post_attention_layernorm.weight", [C], where)
-        for ours, hf_name in HF_LINEAR_NAMES:
-            getattr(blk, ours).weight.data = _take(tensors, pre + hf_name + ".weight", shapes[ours], where)
-    model.lnf.data = _take(tensors, "model.norm.weight", [C], where)
+    for name, p in hf_params(model)[:-1]:           # lm_head, last, may be tied: below
+        t = p.weight if isinstance(p, Linear) else p
+        t.data = _take(tensors, name + ".weight", hf_shape(name, t.data), where)
     if tied_hf:
         tensors.pop("lm_head.weight", None)        # transformers ignores it too: the head is embed_tokens
-    head = _take(tensors, "lm_head.weight", [V, C], where) if "lm_head.weight" in tensors else None
-    if head is None and not tied_hf:
+    head = None
+    if "lm_head.weight" in tensors:
+        head = _take(tensors, "lm_head.weight", hf_shape("lm_head", model.wte.data), where)
+    elif not tied_hf:
         raise HFError("%s is untied but has no lm_head.weight" % where)
-    if cfg.tie_embeddings and head is not None and head != model.wte.data:
+    if model.cfg.tie_embeddings and head is not None and head != model.wte.data:
         raise HFError('%s has an lm_head that differs from its embeddings but Config.tie_embeddings is true; '
                       'put "tie_embeddings": false in a --config file' % where)
-    if not cfg.tie_embeddings:
+    if not model.cfg.tie_embeddings:
         model.lm_head.weight.data = head if head is not None else [list(r) for r in model.wte.data]
     leftover = sorted(n for n in tensors if not n.endswith("rotary_emb.inv_freq"))
     if leftover:
@@ -4999,28 +4896,22 @@ def _fill_model(model, tensors, tied_hf, where):
 
 
 def brain_from_hf(hf_dir, cfg, seed=0):
-    """A Brain from a Hugging Face Llama directory, ready for the organism to go on living.
-
-    The model arrives merged (no deltas) and counts as warmed up: one empty delta is appended,
-    exactly as after warmup, so the organism continues with bursts on deltas over the base it
-    was given (idle rehearsal trains the base, judged like any phase). lambda starts at 0 (the
-    weights may have changed elsewhere, so old evidence is void) until the trainer measures the
-    held-out slice.
-    """
+    """A Brain from a Hugging Face Llama directory, warmed up: as after warmup, bursts train a
+    delta over the base it was given, and lambda is 0 (the weights may have changed elsewhere, so
+    old evidence is void) until the trainer measures the held-out slice."""
     hf = _read_json(os.path.join(hf_dir, "config.json"))
     check_hf_config(hf, cfg, hf_dir)
     tok = tokenizer_from_hf(_read_json(os.path.join(hf_dir, "tokenizer.json")), hf_dir)
-    if hf.get("vocab_size") != tok.vocab_size:
-        raise HFError("%s has vocab_size %r but its tokenizer has %d ids" % (hf_dir, hf.get("vocab_size"), tok.vocab_size))
+    if hf["vocab_size"] != tok.vocab_size:
+        raise HFError("%s has vocab_size %r but its tokenizer has %d ids" % (hf_dir, hf["vocab_size"], tok.vocab_size))
     model = GPT(cfg, tok.vocab_size, seed, init=False)
     _fill_model(model, read_hf_weights(hf_dir), hf.get("tie_word_embeddings", True), hf_dir)
     meta = hf.get("macrogpt") if isinstance(hf.get("macrogpt"), dict) else {}
     step = meta["step"] if _is_kind(meta.get("step"), "int") and meta["step"] >= 0 else cfg.warmup_steps
     bpe_chars = meta["bpe_chars"] if _is_kind(meta.get("bpe_chars"), "int") and meta["bpe_chars"] >= 0 else 0
-    progress = Progress(warmup_done=True, bpe_chars=bpe_chars)
     if cfg.freeze_base_after_warmup:
         model.add_delta()
-    return Brain(model, Adam(cfg), step, tok, progress)
+    return Brain(model, Adam(cfg), step, tok, Progress(warmup_done=True, bpe_chars=bpe_chars))
 
 
 def import_hf(hf_dir, ckpt, cfg, force=False, seed=0):
@@ -5035,28 +4926,28 @@ def import_hf(hf_dir, ckpt, cfg, force=False, seed=0):
 
 
 def run_hf(args, cfg):
-    """--export DIR or --import DIR: one line of what was done."""
-    chosen = [a for a in (args.export, args.export_lora, args.import_dir) if a is not None]
-    if len(chosen) > 1:
+    """--export DIR, --export-lora DIR or --import DIR: one line of what was done."""
+    if sum(a is not None for a in (args.export, args.export_lora, args.import_dir)) > 1:
         raise HFError("--export, --export-lora and --import go one at a time")
-    if args.import_dir is None:
-        out_dir, lora = (args.export, False) if args.export is not None else (args.export_lora, True)
-        if not os.path.exists(args.ckpt):
-            raise HFError("no checkpoint %s to export (chat first, or name one with --ckpt)" % args.ckpt)
-        brain = Brain.from_body(read_checkpoint(args.ckpt), cfg, args.seed)
-        tensors = export_hf(brain, out_dir, args.force, lora)
-        tied = all(name != "lm_head.weight" for name, _, _ in tensors)
-        n_params = sum(len(rows) * len(rows[0]) for _, _, rows in tensors)
-        say("exported %s to %s: %d tensors, %d parameters (%s), vocab %d, %s embeddings"
-            % (args.ckpt, out_dir, len(tensors), n_params,
-               "base; deltas as a rank-%d LoRA in %s" % (brain.model.n_deltas * cfg.delta_rank, HF_ADAPTER_DIR)
-               if lora else "deltas merged", brain.model.vocab_size,
-               "tied" if tied else "untied"))
+    if args.import_dir is not None:
+        brain = import_hf(args.import_dir, args.ckpt, cfg, args.force, args.seed)
+        say("imported %s into %s: vocab %d, %d layers; warmup done%s"
+            % (args.import_dir, args.ckpt, brain.model.vocab_size, cfg.n_layer,
+               ", bursts train a delta over the base" if cfg.freeze_base_after_warmup else ""))
         return 0
-    brain = import_hf(args.import_dir, args.ckpt, cfg, args.force, args.seed)
-    say("imported %s into %s: vocab %d, %d layers; warmup done%s"
-        % (args.import_dir, args.ckpt, brain.model.vocab_size, cfg.n_layer,
-           ", bursts train a delta over the base" if cfg.freeze_base_after_warmup else ""))
+    lora = args.export is None
+    out_dir = args.export_lora if lora else args.export
+    if not os.path.exists(args.ckpt):
+        raise HFError("no checkpoint %s to export (chat first, or name one with --ckpt)" % args.ckpt)
+    brain = Brain.from_body(read_checkpoint(args.ckpt), cfg, args.seed)
+    tensors = export_hf(brain, out_dir, args.force, lora)
+    n_params = sum(len(rows) * len(rows[0]) for _, _, rows in tensors)
+    deltas = "deltas merged"
+    if lora:
+        deltas = "base; deltas as a rank-%d LoRA in %s" % (brain.model.n_deltas * cfg.delta_rank, HF_ADAPTER_DIR)
+    tied = "untied" if any(name == "lm_head.weight" for name, _, _ in tensors) else "tied"
+    say("exported %s to %s: %d tensors, %d parameters (%s), vocab %d, %s embeddings"
+        % (args.ckpt, out_dir, len(tensors), n_params, deltas, brain.model.vocab_size, tied))
     return 0
 
 

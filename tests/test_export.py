@@ -153,6 +153,13 @@ class ExportTest(unittest.TestCase):
                 f.write(bad)
             with self.assertRaises(M.HFError):
                 M.read_safetensors(path)
+        for entry in ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},      # the fuzzer's: a list dtype
+                      {"dtype": "F32", "shape": [float("inf")], "data_offsets": [0, 4]}):
+            text = json.dumps({"a": entry}).encode("utf-8")
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + b"\0" * 4)
+            with self.assertRaisesRegex(M.HFError, "tensor a "):
+                M.read_safetensors(path)
 
     def test_lora_export_keeps_deltas_apart_and_adds_up(self):
         cfg = tiny_trainer_config()
