@@ -3767,28 +3767,23 @@ def _draw_line(grid, points, glyph):
 
 def _x_labels(first, last, width):
     """'0        step       1224' under a plot `width` columns wide."""
-    left, right, mid = str(first), str(last), "step"
+    left, right = str(first), str(last)
     gap = width - len(left) - len(right)
-    if gap >= len(mid) + 2:
-        pad = (gap - len(mid)) // 2
-        return left + " " * pad + mid + " " * (gap - len(mid) - pad) + right
-    if gap >= 1:
-        return left + " " * gap + right
-    return right[-width:]
-
-
-def _wrapped(text, width):
-    return textwrap.wrap(text, max(1, width), break_long_words=True) or [""]
+    if gap < 1:
+        return right[-width:]
+    mid = "step" if gap >= len("step") + 2 else ""
+    pad = (gap - len(mid)) // 2
+    return left + " " * pad + mid + " " * (gap - len(mid) - pad) + right
 
 
 def _packed(items, width, sep="  "):
-    """Items joined by sep into lines <= width, never splitting an item that fits a line."""
+    """Items joined by sep into lines <= width, an item split only where it is longer than a line."""
     lines = []
     for item in items:
         if lines and len(lines[-1]) + len(sep) + len(item) <= width:
             lines[-1] += sep + item
         else:
-            lines.extend(_wrapped(item, width))
+            lines.extend(textwrap.wrap(item, max(1, width), break_long_words=True) or [""])
     return lines
 
 
@@ -3802,11 +3797,11 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
     bar, tick, corner, rule = g["axis"]
     rows = [r for r in rows if _finite(r.get("step"))]
     if not rows:
-        return "\n".join(_wrapped("the growth log is empty: it fills in as the network trains", width))
+        return "\n".join(_packed(["the growth log is empty: it fills in as the network trains"], width))
     values = [v for r in rows for v in (r.get(key) for _, key in GROWTH_SERIES) if _finite(v)]
     if not values:
-        return "\n".join(_wrapped("no held-out figures yet (the log reaches step %d): they are first measured "
-                                  "when warmup ends" % max(r["step"] for r in rows), width))
+        return "\n".join(_packed(["no held-out figures yet (the log reaches step %d): they are first measured "
+                                  "when warmup ends" % max(r["step"] for r in rows)], width))
     # warmup checkpoints carry no figure: the step axis starts where there is something to draw
     rows = [r for r in rows if _burst_mark(r.get("note")) or any(_finite(r.get(k)) for _, k in GROWTH_SERIES)]
     lo, hi = min(values), max(values)
@@ -3816,7 +3811,7 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
     lw = max(len(s) for s in labels)
     plot_w, height = width - lw - 2, max(3, height)
     if plot_w < 2:
-        return "\n".join(_wrapped("too narrow for the growth chart", width))
+        return "\n".join(_packed(["too narrow for the growth chart"], width))
     s0, s1 = min(r["step"] for r in rows), max(r["step"] for r in rows)
 
     def col(step):
@@ -3835,34 +3830,27 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
         if mark and axis[col(r["step"])] != g["rejected"]:
             axis[col(r["step"])] = g[mark]
     label_at = {0: labels[0], (height - 1) // 2: labels[1], height - 1: labels[2]}
-    out = _wrapped("held-out bits per byte by training step (lower is better)", width)
+    out = _packed(["held-out bits per byte by training step (lower is better)"], width)
     for i, cells in enumerate(grid):
         out.append("%*s %s%s" % (lw, label_at.get(i, ""), tick if i in label_at else bar, "".join(cells)))
     out.append(" " * (lw + 1) + corner + "".join(axis))
     out.append(" " * (lw + 2) + _x_labels(s0, s1, plot_w))
-    n_burst = sum(_burst_mark(r.get("note")) == "burst" for r in rows)
-    n_rejected = sum(_burst_mark(r.get("note")) == "rejected" for r in rows)
+    marks = Counter(_burst_mark(r.get("note")) for r in rows)
     out.extend(_packed(["%s network" % g["network"], "%s field" % g["field"], "%s mix" % g["mix"],
-                        "%s burst (%d)" % (g["burst"], n_burst),
-                        "%s rolled back (%d)" % (g["rejected"], n_rejected)], width))
+                        "%s burst (%d)" % (g["burst"], marks["burst"]),
+                        "%s rolled back (%d)" % (g["rejected"], marks["rejected"])], width))
     return "\n".join(line.rstrip() for line in out)
-
-
-def can_show(text, stream):
-    """Whether stream's encoding can write text as it is."""
-    try:
-        text.encode(getattr(stream, "encoding", None) or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
 
 
 def growth_chart(rows, stream=None):
     """The chart as this output can show it: at most 80 columns, ASCII if the encoding lacks the blocks."""
-    stream = stream or sys.stdout
-    unicode_glyphs = "".join(v[0] for v in GROWTH_GLYPHS.values())
-    width = min(80, shutil.get_terminal_size().columns)
-    return render_growth(rows, width, ascii=not can_show(unicode_glyphs, stream))
+    encoding = getattr(stream or sys.stdout, "encoding", None) or "ascii"
+    try:
+        "".join(v[0] for v in GROWTH_GLYPHS.values()).encode(encoding)
+        ascii = False
+    except (UnicodeEncodeError, LookupError):
+        ascii = True
+    return render_growth(rows, min(80, shutil.get_terminal_size().columns), ascii=ascii)
 
 
 # ======================================================================================
