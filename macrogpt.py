@@ -4006,18 +4006,17 @@ def warmup_eta(progress, cfg, step):
 
 def progress_line(progress, cfg, step):
     """`[warmup 34% | step 410/1200 | eta 12m03s | held-out -]` from a Brain's Progress."""
-    eta = warmup_eta(progress, cfg, step)
     h = progress.heldout
-    held = "%.2f bits/byte" % h.mix_bpb if h else "-"
     return "[warmup %d%% | step %d/%d | eta %s | held-out %s]" % (
-        warmup_percent(step, cfg), step, cfg.warmup_steps, format_duration(eta), held)
+        warmup_percent(step, cfg), step, cfg.warmup_steps, format_duration(warmup_eta(progress, cfg, step)),
+        "%.2f bits/byte" % h.mix_bpb if h else "-")
 
 
 class TrainingNotes:
     """Decides which progress notes the REPL shows after a reply; each is said at most once.
 
-    A warmup line appears when the percentage moved by at least one point or a new held-out
-    figure came in; the first time lambda rises above 0 the network's arrival is announced.
+    A warmup line appears when the percentage moved or a new held-out figure came in; the
+    first time lambda rises above 0 the network's arrival is announced.
     """
 
     def __init__(self, cfg, progress):
@@ -4031,13 +4030,12 @@ class TrainingNotes:
         if not self.warmup_over:
             h = progress.heldout
             now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
-            if self.shown is None or now[0] - self.shown[0] >= 1 or now[1] != self.shown[1]:
+            if now != self.shown:
                 out.append(progress_line(progress, self.cfg, step))
                 self.shown = now
             self.warmup_over = progress.warmup_done
-        lam = progress.lam
-        if not self.spoke and lam > 0:
-            out.append("[the network now speaks: lambda %.2f]" % lam)
+        if not self.spoke and progress.lam > 0:
+            out.append("[the network now speaks: lambda %.2f]" % progress.lam)
             self.spoke = True
         return out
 
@@ -4048,7 +4046,11 @@ class Meter:
     def __init__(self, label, total, enabled=True, stream=None, now=time.monotonic):
         self.stream = stream or sys.stderr
         self.label, self.total, self.now = label, total, now
-        self.on = enabled and total > 0 and _is_terminal(self.stream)
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):          # no isatty, or already closed
+            tty = False
+        self.on = enabled and total > 0 and tty
         self.start, self.percent, self.width = now(), None, 0
 
     def update(self, done):
@@ -4070,13 +4072,6 @@ class Meter:
         self.stream.write("\r" + text.ljust(self.width) + ("\r" if not text else ""))
         self.stream.flush()
         self.width = len(text) if text else 0
-
-
-def _is_terminal(stream):
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):          # no isatty, or already closed
-        return False
 
 
 # ======================================================================================
