@@ -4081,7 +4081,6 @@ class Meter:
 # In a terminal the thread waits for each reply before showing the next "> " prompt, so
 # nothing ever prints over the line being typed.
 
-INTERRUPT = object()
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")     # C0 but tab and newline, DEL, C1
 
 
@@ -4120,55 +4119,34 @@ def say_if_possible(text):
         pass                                       # nobody is left to read it; the exit code stays 0
 
 
-class LineReader:
-    def __init__(self, loop, queue, interactive):
-        self.loop = loop
-        self.queue = queue
-        self.interactive = interactive
-        self.go = threading.Event()
-        self.go.set()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def ready(self):
-        self.go.set()
-
-    def _put(self, item):
+def read_lines(loop, queue, interactive, go):
+    """The reader thread: each line of standard input onto the queue once `go` is set, then None."""
+    line = ""
+    while line is not None:
+        go.wait()
+        go.clear()
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            if interactive:
+                line = input("> ")
+            else:
+                raw = sys.stdin.buffer.readline()
+                line = bytes_to_text(raw.rstrip(b"\r\n")) if raw else None
+        except (EOFError, KeyboardInterrupt, OSError, ValueError):
+            line = None
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, line)
         except RuntimeError:                           # the loop has closed: the session is over
-            pass
-
-    def _run(self):
-        while True:
-            self.go.wait()
-            self.go.clear()
-            try:
-                if self.interactive:
-                    line = input("> ")
-                else:
-                    raw = sys.stdin.buffer.readline()
-                    if not raw:
-                        raise EOFError
-                    line = bytes_to_text(raw.rstrip(b"\r\n"))
-            except EOFError:
-                self._put(None)
-                return
-            except (KeyboardInterrupt, OSError, ValueError):
-                self._put(None)
-                return
-            self._put(line)
+            return
 
 
 QUIT_SIGNALS = ("SIGTERM", "SIGHUP")       # `kill PID`, a closed terminal window: save and exit 0
 
 
 async def chat(session, interactive, train, progress=None):
+    """Answer standard input until it ends, /quit or a signal; progress is TrainingNotes or None."""
     loop = asyncio.get_event_loop()
     queue = asyncio.Queue()
-    notes = []
+    notes, interrupts, hung_up = [], [0], []
 
     def log(msg):
         if interactive:
@@ -4176,43 +4154,36 @@ async def chat(session, interactive, train, progress=None):
         else:
             say(msg, sys.stderr)
 
-    interrupts = [0]
-
     def on_sigint():
         interrupts[0] += 1
         if interrupts[0] > 1:
             os._exit(130)                              # checkpoints are atomic: nothing tears
-        queue.put_nowait(INTERRUPT)
-    try:
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
-    except (NotImplementedError, RuntimeError):
-        pass                                           # Windows: Ctrl+C raises KeyboardInterrupt
-    hung_up = []
+        queue.put_nowait(None)
 
-    def on_quit_signal(name):
-        hung_up.append(name)                           # the terminal may be gone: say no goodbye
+    def on_quit_signal():
+        hung_up.append(True)                           # the terminal may be gone: say no goodbye
         queue.put_nowait(None)                         # then save and exit 0, as /quit does
-    for name in QUIT_SIGNALS:
-        if hasattr(signal, name):
-            try:
-                loop.add_signal_handler(getattr(signal, name), on_quit_signal, name)
-            except (NotImplementedError, RuntimeError):
-                pass
-    reader = LineReader(loop, queue, interactive)
-    reader.start()
+    for name, handler in [("SIGINT", on_sigint)] + [(name, on_quit_signal) for name in QUIT_SIGNALS]:
+        try:
+            loop.add_signal_handler(getattr(signal, name), handler)
+        except (AttributeError, NotImplementedError, RuntimeError):
+            pass                                       # Windows: Ctrl+C raises KeyboardInterrupt
+    go = threading.Event()                             # set: the reader may show the next prompt
+    go.set()
+    threading.Thread(target=read_lines, args=(loop, queue, interactive, go), daemon=True).start()
     task = loop.create_task(train_forever(session.trainer, log)) if train else None
     if interactive:
         say("macrogpt %s: type a message, /help for commands, Ctrl+D to leave." % VERSION)
     try:
         while True:
             line = await queue.get()
-            if line is None or line is INTERRUPT:
+            if line is None:
                 if interactive and not hung_up:
                     say_if_possible("")
                 break
             line = line.strip()
             if not line:
-                reader.ready()
+                go.set()
                 continue
             try:
                 if line.startswith("/"):
@@ -4229,7 +4200,7 @@ async def chat(session, interactive, train, progress=None):
             del notes[:]
             for note in progress.lines(session.brain.progress, session.trainer.step) if progress else ():
                 say(note)
-            reader.ready()
+            go.set()
     finally:
         if task is not None:
             task.cancel()
