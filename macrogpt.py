@@ -5102,11 +5102,9 @@ def _try_lock(fd):
 
 def _same_file(fd, path):
     try:
-        st = os.stat(path)
+        return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
-    here = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 class FolderLock:
@@ -5157,7 +5155,6 @@ class FolderLock:
 
     def __exit__(self, kind, value, tb):
         self.release()
-        return False
 
 
 def _remove_quietly(path):
@@ -5172,15 +5169,13 @@ def remove_stale_temps(path):
 
     Call it only while holding the lock on `path`: then no other process is writing one.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
+    folder, base = os.path.split(os.path.abspath(path))
     pattern = re.compile(re.escape(base) + r"(\.\d+)?\.tmp\Z")
-    removed = 0
-    for name in os.listdir(folder):
-        if pattern.match(name) and os.path.join(folder, name) != os.path.abspath(temp_name(path)):
-            _remove_quietly(os.path.join(folder, name))
-            removed += 1
-    return removed
+    ours = os.path.basename(temp_name(path))
+    stale = [name for name in os.listdir(folder) if pattern.match(name) and name != ours]
+    for name in stale:
+        _remove_quietly(os.path.join(folder, name))
+    return len(stale)
 
 
 # ======================================================================================
