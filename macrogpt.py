@@ -4234,7 +4234,7 @@ def brain_for_reading(cfg, corpus_path, ckpt_path, seed=0):
     return brain
 
 
-def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_progress=False):
+def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, show_progress=False):
     lines = read_corpus_file(path, "eval file")
     if not lines:
         raise MacroError("eval file %s has no non-blank lines to score" % path)
@@ -4258,10 +4258,9 @@ def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_pro
               for name, weight in (("network", 1.0), ("field", 0.0), ("mix", lam))}
     result.update({"bytes": n_bytes, "lines": len(lines), "lambda": lam, "step": brain.step,
                    "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None})
-    out("%s: %d bytes in %d lines | bits/byte: network %.3f | field %.3f | mix %.3f (lambda %.2f, step %d)"
+    say("%s: %d bytes in %d lines | bits/byte: network %.3f | field %.3f | mix %.3f (lambda %.2f, step %d)"
         % (path, n_bytes, len(lines), result["network"], result["field"], result["mix"], lam, brain.step))
-    out(json.dumps(result, sort_keys=True))
-    return result
+    say(json.dumps(result, sort_keys=True))
 
 
 # ======================================================================================
@@ -4960,64 +4959,44 @@ def bench_naive_mflops(N, k, M, repeats=3):
     return 2.0 * N * k * M / _median(times) / 1e6
 
 
-def bench_brain(cfg, tok):
-    return Brain(GPT(cfg, tok.vocab_size, seed=0), Adam(cfg), 0, tok, Progress())
-
-
-def bench_model(cfg, tok, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, out=print):
-    """Training tokens/s of the step the trainer runs, in this process, and generation tokens/s."""
-    rng, vocab_size = random.Random(0), tok.vocab_size
-    pool = Pool(0)
-    pool.load(bench_brain(cfg, tok))
-    rates = []
-    for i in range(steps + 1):                                # the first step is a warm-up
-        seqs = [[rng.randrange(vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
-        t0 = time.perf_counter()
-        loss, _ = pool.train_step(seqs, lr_at(i, cfg), True)
-        dt = time.perf_counter() - t0
-        if i:
-            rates.append(n_seq * T / dt)
-            out("train step %d/%d | loss %.3f | %.0f tok/s" % (i, steps, loss, rates[-1]))
-    model = pool.local.brain.model
-    cache = model.new_cache()
-    for tok in [rng.randrange(vocab_size) for _ in range(prompt_tokens)]:
-        logits = model.step(cache, tok)
-    t0 = time.perf_counter()
-    for _ in range(gen_tokens):
-        logits = model.step(cache, max(range(len(logits)), key=logits.__getitem__))
-    gen_rate = gen_tokens / (time.perf_counter() - t0)
-    return {"train_tokens_per_s": round(_median(rates), 1), "gen_tokens_per_s": round(gen_rate, 1),
-            "params": model.num_params(),
-            "train_flops_per_token": 3 * 2 * forward_macs_per_token(cfg, vocab_size, T)}
-
-
-def bench_workers(cfg, n, tok, steps=4, n_seq=4, T=64, out=print):
-    """Training tokens/s of n worker processes sharing each n_seq x T batch (median; one warm-up step)."""
-    pool = Pool(n)
-    rng, rates = random.Random(0), []
+def bench_training(cfg, brain, workers, shape, label, out, steps=4):
+    """Training tokens/s of a Pool of `workers` processes (0: this one) on random batches of
+    shape (n_seq, T): the median of `steps` steps after a first one that warms up."""
+    n_seq, T = shape
+    pool, rng, rates = Pool(workers), random.Random(0), []
     try:
-        pool.load(bench_brain(cfg, tok))
+        pool.load(brain)
         for i in range(steps + 1):
-            b = [[rng.randrange(tok.vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
+            batch = [[rng.randrange(brain.tok.vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
             t0 = time.perf_counter()
-            pool.train_step(b, lr_at(i, cfg), True)
+            loss, _ = pool.train_step(batch, lr_at(i, cfg), True)
             if i:
                 rates.append(n_seq * T / (time.perf_counter() - t0))
-                out("%d worker%s step %d/%d | %.0f tok/s" % (n, "s" if n > 1 else "", i, steps, rates[-1]))
+                out("%s step %d/%d | loss %.3f | %.0f tok/s" % (label, i, steps, loss, rates[-1]))
     finally:
         pool.close()
     return round(_median(rates), 1)
 
 
+def bench_generation(model, n_tokens=200, prompt_tokens=16):
+    """Tokens/s of greedy generation after a random prompt, a token at a time as a reply is made."""
+    rng, cache = random.Random(0), model.new_cache()
+    for token in [rng.randrange(model.vocab_size) for _ in range(prompt_tokens)]:
+        logits = model.step(cache, token)
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        logits = model.step(cache, max(range(len(logits)), key=logits.__getitem__))
+    return n_tokens / (time.perf_counter() - t0)
+
+
 def bench_tokenizer(lines, num_merges):
-    """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after
-    -> (figures, the tokenizer)."""
+    """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after."""
     tok = Tokenizer()
     t0 = time.perf_counter()
     tok.train(lines, num_merges)
     train_s = time.perf_counter() - t0
     n_bytes = sum(len(text_to_bytes(l)) + 1 for l in lines)
-    times, n_tokens = [], 0
+    times = []
     for _ in range(3):
         tok._cache.clear()                                    # measure cold encoding
         t0 = time.perf_counter()
@@ -5025,36 +5004,33 @@ def bench_tokenizer(lines, num_merges):
         times.append(time.perf_counter() - t0)
     return {"bpe_train_seconds": round(train_s, 3), "bpe_merges": len(tok.merges),
             "encode_bytes_per_s": round(n_bytes / _median(times)), "corpus_bytes": n_bytes,
-            "tokens_per_byte": round(n_tokens / n_bytes, 4)}, tok
+            "tokens_per_byte": round(n_tokens / n_bytes, 4)}
 
 
-def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
+def run_bench(cfg, corpus_path, out=say, show_progress=False):
     """Speeds of the model a first run trains: its vocabulary is the one the corpus teaches
-    the tokenizer (bytes alone without a corpus), since the output layer grows with it."""
+    the tokenizer, since the output layer grows with it."""
     t0 = time.perf_counter()
     meter = Meter("bench", 2, show_progress)                  # on the quiet phases only
     meter.update(0)
     result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
               "kernel": "math.dist" if _dist is not None else "sum(map(mul))",
               "gen_kernel": "float" if cfg.exact_generation else "64-bit fixed point"}
-    tok = Tokenizer()
-    if corpus_path:
-        lines = read_corpus_file(corpus_path)
-        figures, trained = bench_tokenizer(lines, cfg.bpe_num_merges)
-        result.update(figures)
-        train, _ = split_heldout(lines, cfg.heldout_every)            # a first run's rule and text
-        if bpe_merges_due(cfg, sum(len(text_to_bytes(l)) for l in train), 0):
-            tok = trained
-    result["vocab"] = tok.vocab_size
+    result.update(bench_tokenizer(read_corpus_file(corpus_path), cfg.bpe_num_merges))
+    brain = brain_for_reading(cfg, corpus_path, None)         # a first run's newborn
     meter.update(1)
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
-    meter.finish()                                            # bench_model prints a line per step itself
-    result.update(bench_model(cfg, tok, out=out))
+    meter.finish()                                            # the training benches print a line per step
+    model = brain.model
+    result.update(vocab=model.vocab_size, params=model.num_params(),
+                  train_tokens_per_s=bench_training(cfg, brain, 0, (4, 64), "train", out, steps=5),
+                  gen_tokens_per_s=round(bench_generation(model), 1),
+                  train_flops_per_token=3 * 2 * forward_macs_per_token(cfg, model.vocab_size, 64))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
     n = result["train_workers"] = worker_count(cfg)
-    result["train_tokens_per_s_1"] = bench_workers(cfg, 1, tok, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
-    result["train_tokens_per_s_all"] = (bench_workers(cfg, n, tok, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
-                                        if n > 1 else result["train_tokens_per_s_1"])
+    shape = (cfg.batch_size, cfg.seq_len)                     # the trainer's own batches
+    one = result["train_tokens_per_s_1"] = bench_training(cfg, brain, 1, shape, "1 worker", out)
+    result["train_tokens_per_s_all"] = bench_training(cfg, brain, n, shape, "%d workers" % n, out) if n > 1 else one
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
     out("python %s | kernel %s, generation %s | %d params, vocabulary %d"
         % (result["python"], result["kernel"], result["gen_kernel"], result["params"], result["vocab"]))
@@ -5064,10 +5040,9 @@ def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
     out("data-parallel training: %.0f tok/s with 1 worker, %.0f with %d (x%.2f)"
         % (result["train_tokens_per_s_1"], result["train_tokens_per_s_all"], n,
            result["train_tokens_per_s_all"] / max(1e-9, result["train_tokens_per_s_1"])))
-    if corpus_path:
-        out("tokenizer: %d merges in %.2f s | encode %.0f KB/s | %.3f tokens per byte on %d bytes"
-            % (result["bpe_merges"], result["bpe_train_seconds"], result["encode_bytes_per_s"] / 1000,
-               result["tokens_per_byte"], result["corpus_bytes"]))
+    out("tokenizer: %d merges in %.2f s | encode %.0f KB/s | %.3f tokens per byte on %d bytes"
+        % (result["bpe_merges"], result["bpe_train_seconds"], result["encode_bytes_per_s"] / 1000,
+           result["tokens_per_byte"], result["corpus_bytes"]))
     out(json.dumps(result, sort_keys=True))
     return result
 
@@ -5243,7 +5218,7 @@ def run(args):
         run_bench(cfg, corpus, out=say, show_progress=not args.quiet)
         return 0
     if args.eval:
-        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, out=say, show_progress=not args.quiet)
+        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, show_progress=not args.quiet)
         return 0
     if args.export is not None or args.export_lora is not None or args.import_dir is not None:
         return run_hf(args, cfg)
