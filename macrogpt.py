@@ -5157,16 +5157,10 @@ def remove_stale_temps(path):
 # CLI: argparse, paths in the current directory, one-line errors with exit code 2.
 # ======================================================================================
 
-def default_corpus_path():
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonames.txt")
-    return "nonames.txt" if os.path.exists("nonames.txt") else here
-
-
 def load_config(path):
     """Config() with the overrides of a JSON object file (--config)."""
-    cfg = Config()
     if path is None:
-        return cfg
+        return Config()
     try:
         with open(path, encoding="utf-8") as f:
             overrides = json.load(f)
@@ -5174,10 +5168,9 @@ def load_config(path):
         raise ConfigError("cannot read config %s: %s" % (path, e))
     if not isinstance(overrides, dict):
         raise ConfigError("config %s must hold a JSON object of Config fields" % path)
-    known = {f.name: f.type for f in fields(Config)}
-    for key in overrides:
-        if key not in known:
-            raise ConfigError("config %s: unknown field %r" % (path, key))
+    unknown = [key for key in overrides if key not in {f.name for f in fields(Config)}]
+    if unknown:
+        raise ConfigError("config %s: unknown field %r" % (path, unknown[0]))
     try:
         return Config(**overrides)
     except TypeError as e:
@@ -5212,80 +5205,61 @@ def run(args):
     if args.growth:
         return print_growth(args.db)
     cfg = load_config(args.config)
-    corpus = args.corpus or default_corpus_path()
-    check_paths(args)
-    if args.bench:
-        run_bench(cfg, corpus, out=say, show_progress=not args.quiet)
-        return 0
-    if args.eval:
-        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, show_progress=not args.quiet)
-        return 0
-    if args.export is not None or args.export_lora is not None or args.import_dir is not None:
-        return run_hf(args, cfg)
-    if args.tokenize is not None:
-        say(format_tokenization(brain_for_reading(cfg, corpus, args.ckpt, args.seed).tok, args.tokenize))
-        return 0
-    if args.prompt is None and sys.stdin is None:
-        raise MacroError("standard input is closed; pipe messages in, or give --prompt TEXT")
-    with FolderLock(args.db), FolderLock(args.ckpt):         # before anything is written
-        remove_stale_temps(args.ckpt)
-        return run_session(cfg, corpus, args)
-
-
-def check_paths(args):
+    beside_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonames.txt")
+    corpus = args.corpus or ("nonames.txt" if os.path.exists("nonames.txt") else beside_script)
     if not args.db or not args.ckpt:
         raise MacroError("--db and --ckpt need a file name")
     if os.path.abspath(args.db) == os.path.abspath(args.ckpt):
         raise MacroError("--db and --ckpt must be different files")
+    if args.bench:
+        run_bench(cfg, corpus, show_progress=not args.quiet)
+    elif args.eval:
+        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, show_progress=not args.quiet)
+    elif args.export is not None or args.export_lora is not None or args.import_dir is not None:
+        return run_hf(args, cfg)
+    elif args.tokenize is not None:
+        say(format_tokenization(brain_for_reading(cfg, corpus, args.ckpt, args.seed).tok, args.tokenize))
+    elif args.prompt is None and sys.stdin is None:
+        raise MacroError("standard input is closed; pipe messages in, or give --prompt TEXT")
+    else:
+        with FolderLock(args.db), FolderLock(args.ckpt):         # before anything is written
+            remove_stale_temps(args.ckpt)
+            run_session(cfg, corpus, args)
+    return 0
 
 
 def run_session(cfg, corpus, args):
     """Chat, or answer --prompt once: the work that writes, done while holding the folder lock."""
-    if args.prompt is not None:
-        session = Session(cfg, corpus, args.db, args.ckpt, args.seed)
-        try:
-            text = args.prompt.strip()
-            if text.startswith("/"):
-                shown, _ = session.command(text)
-                if shown:
-                    say(shown)
-            else:
-                say(session.respond(text) if text else FALLBACK_REPLY)
-            session.save()
-        finally:
-            session.close()
-        return 0
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if interactive:
-        try:
-            import readline                                   # noqa: F401  line editing and history
-        except ImportError:
-            pass
-    train = not args.no_train
-    pool = Pool(worker_count(cfg), args.seed) if train else None
-    try:
-        session = Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)
-        try:
+    train = args.prompt is None and not args.no_train
+    with contextlib.closing(Pool(worker_count(cfg) if train else 0, args.seed)) as pool:
+        with contextlib.closing(Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)) as session:
+            if args.prompt is not None:
+                text = args.prompt.strip()
+                if text.startswith("/"):
+                    text, _ = session.command(text)               # None after /quit: nothing to show
+                else:
+                    text = session.respond(text) if text else FALLBACK_REPLY
+                if text is not None:
+                    say(text)
+                session.save()
+                return
+            interactive = sys.stdin.isatty() and sys.stdout.isatty()
+            if interactive:
+                try:
+                    import readline                               # noqa: F401  line editing and history
+                except ImportError:
+                    pass
             notes = TrainingNotes(session.cfg, session.brain.progress) if interactive and train and not args.quiet else None
             asyncio.run(chat(session, interactive, train, notes))
-            quit_on_signals()                                  # the loop's handlers went with it
-        finally:
-            session.close()
-    finally:
-        if pool is not None:
-            pool.close()
-    return 0
+            quit_on_signals()                                      # the loop's handlers went with it
 
 
 def print_growth(db_path):
     """--growth: draw the growth log without training or chatting (opening may upgrade its schema)."""
     if not os.path.exists(db_path):
         raise MacroError("no database %s here yet: chat first (python3 macrogpt.py), or pass --db" % db_path)
-    memory = Memory(db_path)
-    try:
+    with contextlib.closing(Memory(db_path)) as memory:
         say(growth_chart(memory.growth_rows()))
-    finally:
-        memory.close()
     return 0
 
 
@@ -5293,21 +5267,17 @@ class Terminated(BaseException):
     """SIGTERM or SIGHUP outside the chat loop; like KeyboardInterrupt, no `except Exception` stops it."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated(signum)
-
-
 def quit_on_signals():
     """SIGTERM and SIGHUP outside the chat loop end the program quietly -> a function restoring the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
     if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
         signal.signal(signal.SIGINT, signal.default_int_handler)   # set to SIG_DFL for the imports
+
+    def terminate(signum, frame):
+        raise Terminated(signum)
     old = {}
     for name in QUIT_SIGNALS:
         if hasattr(signal, name):
-            sig = getattr(signal, name)
-            old[sig] = signal.signal(sig, _raise_terminated)
+            old[getattr(signal, name)] = signal.signal(getattr(signal, name), terminate)
 
     def restore():
         for sig, handler in old.items():
@@ -5324,10 +5294,7 @@ def plug_closed_streams():
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+            os.open(os.devnull, os.O_RDWR)             # the lowest free descriptor: this one
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)
 
@@ -5340,10 +5307,9 @@ def _quiet_stdout():
 
 
 def main(argv=None):
-    restore = None
+    restore = quit_on_signals()
     try:
         plug_closed_streams()
-        restore = quit_on_signals()
         args = build_parser().parse_args(argv)
         if sys.stdout is None:
             raise OutputError("standard output is closed; nothing could be shown")
@@ -5364,8 +5330,7 @@ def main(argv=None):
     except Terminated:                             # before the loop: nothing new to save yet
         return 0
     finally:
-        if restore is not None:
-            restore()
+        restore()
 
 
 if __name__ == "__main__":
