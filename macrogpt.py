@@ -3789,10 +3789,8 @@ def _packed(items, width, sep="  "):
 
 def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
     """Held-out bits per byte of network, field and mix against training step -> text lines <= width.
-
     rows are Memory.growth_rows() dicts; missing, None or NaN figures are skipped, and rows of a
-    burst, or of a burst or idle phase that was rolled back, put a mark on the step axis.
-    """
+    burst, or of a burst or idle phase that was rolled back, put a mark on the step axis."""
     g = {k: v[1 if ascii else 0] for k, v in GROWTH_GLYPHS.items()}
     bar, tick, corner, rule = g["axis"]
     rows = [r for r in rows if _finite(r.get("step"))]
@@ -4013,11 +4011,8 @@ def progress_line(progress, cfg, step):
 
 
 class TrainingNotes:
-    """Decides which progress notes the REPL shows after a reply; each is said at most once.
-
-    A warmup line appears when the percentage moved or a new held-out figure came in; the
-    first time lambda rises above 0 the network's arrival is announced.
-    """
+    """Decides which progress notes the REPL shows after a reply: a warmup line when the percentage
+    moved or a new held-out figure came in, and once, when lambda first rises above 0, the network's arrival."""
 
     def __init__(self, cfg, progress):
         self.cfg = cfg
@@ -4026,14 +4021,12 @@ class TrainingNotes:
         self.spoke = progress.lam > 0
 
     def lines(self, progress, step):
-        out = []
-        if not self.warmup_over:
-            h = progress.heldout
-            now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
-            if now != self.shown:
-                out.append(progress_line(progress, self.cfg, step))
-                self.shown = now
-            self.warmup_over = progress.warmup_done
+        out, h = [], progress.heldout
+        now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
+        if not self.warmup_over and now != self.shown:
+            out.append(progress_line(progress, self.cfg, step))
+            self.shown = now
+        self.warmup_over = progress.warmup_done
         if not self.spoke and progress.lam > 0:
             out.append("[the network now speaks: lambda %.2f]" % progress.lam)
             self.spoke = True
@@ -4057,12 +4050,11 @@ class Meter:
         if not self.on:
             return
         percent = int(100 * done / self.total)
-        if percent == self.percent:
-            return
-        self.percent = percent
-        elapsed = self.now() - self.start
-        eta = elapsed / done * (self.total - done) if done else None
-        self._write("%s %d%% | %d/%d | eta %s" % (self.label, percent, done, self.total, format_duration(eta)))
+        if percent != self.percent:
+            self.percent = percent
+            elapsed = self.now() - self.start
+            eta = elapsed / done * (self.total - done) if done else None
+            self._write("%s %d%% | %d/%d | eta %s" % (self.label, percent, done, self.total, format_duration(eta)))
 
     def finish(self):
         if self.on and self.width:
