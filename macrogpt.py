@@ -4233,8 +4233,7 @@ def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, show_progress=False
     brain = brain_for_reading(cfg, corpus_path, ckpt_path, seed)
     train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
     field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
-    for line in train:
-        field.add(brain.tok.encode(line))
+    field.rebuild(brain.tok.encode(line) for line in train)
     pairs, n_bytes = [], 0
     meter = Meter("eval", len(lines), show_progress)
     for done, text in enumerate(lines):
@@ -4922,14 +4921,12 @@ def run_hf(args, cfg):
 # Bench: `python macrogpt.py --bench` measures training, generation and a naive reference.
 # ======================================================================================
 
-def forward_macs_per_token(cfg, vocab_size, T, n_deltas=0):
+def forward_macs_per_token(cfg, vocab_size, T):
     """Multiply-adds of one token's forward pass at sequence length T (attention averaged)."""
-    C, H, r = cfg.n_embd, 4 * cfg.n_embd, cfg.delta_rank
-    shapes = [(C, C)] * 4 + [(H, C), (H, C), (C, H)]          # (out, in) of each block linear
-    per_layer = sum(o * i + n_deltas * r * (o + i) for o, i in shapes)
+    C, H = cfg.n_embd, 4 * cfg.n_embd
+    per_layer = 4 * C * C + 3 * H * C                         # wq, wk, wv, wo; gate, value, fc2
     per_layer += (T + 1) * C                                  # q.k and p.v over (T+1)/2 keys
-    head = vocab_size * C + n_deltas * r * (vocab_size + C)
-    return cfg.n_layer * per_layer + head
+    return cfg.n_layer * per_layer + vocab_size * C           # and the lm_head
 
 
 def _median(xs):
@@ -5024,14 +5021,12 @@ def run_bench(cfg, corpus_path, out=say, show_progress=False):
     one = result["train_tokens_per_s_1"] = bench_training(cfg, brain, 1, shape, "1 worker", out)
     result["train_tokens_per_s_all"] = bench_training(cfg, brain, n, shape, "%d workers" % n, out) if n > 1 else one
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    out("python %s | kernel %s, generation %s | %d params, vocabulary %d"
-        % (result["python"], result["kernel"], result["gen_kernel"], result["params"], result["vocab"]))
-    out("train %.0f tok/s (%.0f MFLOP/s) | generate %.0f tok/s | naive matmul %.0f MFLOP/s"
-        % (result["train_tokens_per_s"], result["train_mflops"], result["gen_tokens_per_s"],
-           result["naive_mflops"]))
+    out("python %(python)s | kernel %(kernel)s, generation %(gen_kernel)s | %(params)d params, vocabulary %(vocab)d"
+        % result)
+    out("train %(train_tokens_per_s).0f tok/s (%(train_mflops).0f MFLOP/s) | generate %(gen_tokens_per_s).0f tok/s"
+        " | naive matmul %(naive_mflops).0f MFLOP/s" % result)
     out("data-parallel training: %.0f tok/s with 1 worker, %.0f with %d (x%.2f)"
-        % (result["train_tokens_per_s_1"], result["train_tokens_per_s_all"], n,
-           result["train_tokens_per_s_all"] / max(1e-9, result["train_tokens_per_s_1"])))
+        % (one, result["train_tokens_per_s_all"], n, result["train_tokens_per_s_all"] / max(1e-9, one)))
     out("tokenizer: %d merges in %.2f s | encode %.0f KB/s | %.3f tokens per byte on %d bytes"
         % (result["bpe_merges"], result["bpe_train_seconds"], result["encode_bytes_per_s"] / 1000,
            result["tokens_per_byte"], result["corpus_bytes"]))
