@@ -5049,26 +5049,6 @@ class LockedError(MacroError):
     pass
 
 
-def _try_lock(fd):
-    """A non-blocking exclusive lock on an open file -> False if another process holds it."""
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    except (BlockingIOError, PermissionError):
-        return False
-    return True
-
-
-def _same_file(fd, path):
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
-
-
 class FolderLock:
     """An exclusive OS lock on `<path>.lock` for as long as this process lives or until release()."""
 
@@ -5082,14 +5062,23 @@ class FolderLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as e:
                 raise MacroError("cannot create lock file %s: %s" % (self.path, e.strerror or e))
-            if not _try_lock(fd):
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            except (BlockingIOError, PermissionError):
                 os.lseek(fd, 0, os.SEEK_SET)
                 owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
                 os.close(fd)
                 raise LockedError("another macrogpt (PID %s) is using %s; wait for it to end, or give this "
                                   "one its own --db and --ckpt" % (owner, os.path.abspath(self.path[:-5])))
-            if fcntl is None or _same_file(fd, self.path):
-                break
+            try:
+                if fcntl is None or os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
         else:
             raise MacroError("cannot lock %s: it keeps being replaced" % self.path)
@@ -5128,9 +5117,7 @@ def _remove_quietly(path):
 
 def remove_stale_temps(path):
     """Remove `<path>.<pid>.tmp` (and the older `<path>.tmp`) left by killed writers -> how many.
-
-    Call it only while holding the lock on `path`: then no other process is writing one.
-    """
+    Call it only while holding the lock on `path`: then no other process is writing one."""
     folder, base = os.path.split(os.path.abspath(path))
     pattern = re.compile(re.escape(base) + r"(\.\d+)?\.tmp\Z")
     ours = os.path.basename(temp_name(path))
