@@ -4103,12 +4103,12 @@ def say(text, stream=None):
         raise OutputError("cannot write to %s: %s" % (name, e.strerror or e))
 
 
-def say_if_possible(text):
-    """For courtesy lines at exit: a closed terminal window (EIO) ends input before SIGHUP arrives."""
+def say_if_possible(text, stream=None):
+    """For last words: a closed terminal window (EIO) ends input before SIGHUP arrives."""
     try:
-        say(text)
-    except OutputError:
-        pass                                       # nobody is left to read it; the exit code stays 0
+        say(text, stream)
+    except (OutputError, BrokenPipeError):
+        pass                                       # nobody is left to read it; the exit code says the rest
 
 
 def read_lines(loop, queue, interactive, go):
@@ -4131,13 +4131,13 @@ def read_lines(loop, queue, interactive, go):
             return
 
 
-QUIT_SIGNALS = ("SIGTERM", "SIGHUP")       # `kill PID`, a closed terminal window: save and exit 0
+# `kill PID`, a closed terminal window: save and exit 0 (Windows has neither)
+QUIT_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
 
 
 async def chat(session, interactive, train, progress=None):
     """Answer standard input until it ends, /quit or a signal; progress is TrainingNotes or None."""
-    loop = asyncio.get_event_loop()
-    queue = asyncio.Queue()
+    loop, queue = asyncio.get_event_loop(), asyncio.Queue()
     notes, interrupts, hung_up = [], [0], []
 
     def log(msg):
@@ -4155,10 +4155,10 @@ async def chat(session, interactive, train, progress=None):
     def on_quit_signal():
         hung_up.append(True)                           # the terminal may be gone: say no goodbye
         queue.put_nowait(None)                         # then save and exit 0, as /quit does
-    for name, handler in [("SIGINT", on_sigint)] + [(name, on_quit_signal) for name in QUIT_SIGNALS]:
+    for sig, handler in [(signal.SIGINT, on_sigint)] + [(sig, on_quit_signal) for sig in QUIT_SIGNALS]:
         try:
-            loop.add_signal_handler(getattr(signal, name), handler)
-        except (AttributeError, NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler)
+        except (NotImplementedError, RuntimeError):
             pass                                       # Windows: Ctrl+C raises KeyboardInterrupt
     go = threading.Event()                             # set: the reader may show the next prompt
     go.set()
@@ -5176,8 +5176,12 @@ def build_parser():
 
 
 def run(args):
-    if args.growth:
-        return print_growth(args.db)
+    if args.growth:                            # no config or corpus needed; opening may upgrade the schema
+        if not os.path.exists(args.db):
+            raise MacroError("no database %s here yet: chat first (python3 macrogpt.py), or pass --db" % args.db)
+        with contextlib.closing(Memory(args.db)) as memory:
+            say(growth_chart(memory.growth_rows()))
+        return 0
     cfg = load_config(args.config)
     beside_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonames.txt")
     corpus = args.corpus or ("nonames.txt" if os.path.exists("nonames.txt") else beside_script)
@@ -5219,22 +5223,11 @@ def run_session(cfg, corpus, args):
                 return
             interactive = sys.stdin.isatty() and sys.stdout.isatty()
             if interactive:
-                try:
+                with contextlib.suppress(ImportError):
                     import readline                               # noqa: F401  line editing and history
-                except ImportError:
-                    pass
             notes = TrainingNotes(session.cfg, session.brain.progress) if interactive and train and not args.quiet else None
             asyncio.run(chat(session, interactive, train, notes))
             quit_on_signals()                                      # the loop's handlers went with it
-
-
-def print_growth(db_path):
-    """--growth: draw the growth log without training or chatting (opening may upgrade its schema)."""
-    if not os.path.exists(db_path):
-        raise MacroError("no database %s here yet: chat first (python3 macrogpt.py), or pass --db" % db_path)
-    with contextlib.closing(Memory(db_path)) as memory:
-        say(growth_chart(memory.growth_rows()))
-    return 0
 
 
 class Terminated(BaseException):
@@ -5249,9 +5242,8 @@ def quit_on_signals():
     def terminate(signum, frame):
         raise Terminated(signum)
     old = {}
-    for name in QUIT_SIGNALS:
-        if hasattr(signal, name):
-            old[getattr(signal, name)] = signal.signal(getattr(signal, name), terminate)
+    for sig in QUIT_SIGNALS:
+        old[sig] = signal.signal(sig, terminate)
 
     def restore():
         for sig, handler in old.items():
@@ -5261,9 +5253,7 @@ def quit_on_signals():
 
 def plug_closed_streams():
     """Put /dev/null on a closed fd 0, 1 or 2, so no file we open lands there and is written by print.
-
-    sys.stdin and sys.stdout stay None, which run() reads as "closed"; a closed stderr just goes quiet.
-    """
+    sys.stdin and sys.stdout stay None, which run() reads as "closed"; a closed stderr just goes quiet."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -5291,10 +5281,7 @@ def main(argv=None):
     except MacroError as e:
         if isinstance(e, OutputError):
             _quiet_stdout()
-        try:
-            say("macrogpt: error: %s" % e, sys.stderr)
-        except (OutputError, BrokenPipeError):
-            pass                                   # stderr is gone too: the exit code is all we have
+        say_if_possible("macrogpt: error: %s" % e, sys.stderr)
         return 2
     except BrokenPipeError:                        # `| head` closed our output: nothing left to say
         _quiet_stdout()
