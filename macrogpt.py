@@ -3736,7 +3736,6 @@ class Voice:
 # survives any terminal, a pipe or a README; ASCII stands in where the output encoding
 # cannot show the blocks.
 
-GROWTH_HEIGHT = 12                         # plot rows of the chart
 # drawn in this order, so where the mix equals a source (lambda 0 or 1) the source's glyph shows
 GROWTH_SERIES = (("mix", "heldout_bpb"), ("field", "field_bpb"), ("network", "network_bpb"))
 GROWTH_GLYPHS = {"network": ("\u2588", "#"), "field": ("\u2591", "-"), "mix": ("\u2592", "+"),
@@ -3787,7 +3786,7 @@ def _packed(items, width, sep="  "):
     return lines
 
 
-def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
+def render_growth(rows, width=80, height=12, ascii=False):
     """Held-out bits per byte of network, field and mix against training step -> text lines <= width.
     rows are Memory.growth_rows() dicts; missing, None or NaN figures are skipped, and rows of a
     burst, or of a burst or idle phase that was rolled back, put a mark on the step axis."""
@@ -3831,8 +3830,7 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
     out = _packed(["held-out bits per byte by training step (lower is better)"], width)
     for i, cells in enumerate(grid):
         out.append("%*s %s%s" % (lw, label_at.get(i, ""), tick if i in label_at else bar, "".join(cells)))
-    out.append(" " * (lw + 1) + corner + "".join(axis))
-    out.append(" " * (lw + 2) + _x_labels(s0, s1, plot_w))
+    out += [" " * (lw + 1) + corner + "".join(axis), " " * (lw + 2) + _x_labels(s0, s1, plot_w)]
     marks = Counter(_burst_mark(r.get("note")) for r in rows)
     out.extend(_packed(["%s network" % g["network"], "%s field" % g["field"], "%s mix" % g["mix"],
                         "%s burst (%d)" % (g["burst"], marks["burst"]),
@@ -3843,11 +3841,10 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
 def growth_chart(rows, stream=None):
     """The chart as this output can show it: at most 80 columns, ASCII if the encoding lacks the blocks."""
     encoding = getattr(stream or sys.stdout, "encoding", None) or "ascii"
-    try:
+    ascii = True
+    with contextlib.suppress(UnicodeEncodeError, LookupError):
         "".join(v[0] for v in GROWTH_GLYPHS.values()).encode(encoding)
-        ascii = False
-    except (UnicodeEncodeError, LookupError):
-        ascii = True
+        ascii = False                                      # the encoding can show the blocks
     return render_growth(rows, min(80, shutil.get_terminal_size().columns), ascii=ascii)
 
 
@@ -3988,9 +3985,6 @@ def format_duration(seconds):
 # ======================================================================================
 # Progress notes: one fixed-format line about training, shown where the user already looks.
 # ======================================================================================
-# The REPL shows these after a reply, never over the line being typed, and only when
-# something moved; long command-line work (--eval, --bench) keeps one line updated on
-# stderr while it is a terminal.
 
 def warmup_percent(step, cfg):
     return min(100, int(100 * step / max(1, cfg.warmup_steps)))
@@ -4039,10 +4033,9 @@ class Meter:
     def __init__(self, label, total, enabled=True, stream=None, now=time.monotonic):
         self.stream = stream or sys.stderr
         self.label, self.total, self.now = label, total, now
-        try:
+        tty = False
+        with contextlib.suppress(AttributeError, ValueError):      # no isatty, or already closed
             tty = self.stream.isatty()
-        except (AttributeError, ValueError):          # no isatty, or already closed
-            tty = False
         self.on = enabled and total > 0 and tty
         self.start, self.percent, self.width = now(), None, 0
 
