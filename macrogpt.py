@@ -4923,8 +4923,7 @@ def forward_macs_per_token(cfg, vocab_size, T):
 
 
 def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
+    xs, n = sorted(xs), len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
@@ -5046,8 +5045,7 @@ class FolderLock:
     """An exclusive OS lock on `<path>.lock` for as long as this process lives or until release()."""
 
     def __init__(self, path):
-        self.path = path + ".lock"
-        self.fd = None
+        self.path, self.fd = path + ".lock", None
 
     def acquire(self):
         for _ in range(100):                           # each retry means another process just released
@@ -5067,11 +5065,9 @@ class FolderLock:
                 os.close(fd)
                 raise LockedError("another macrogpt (PID %s) is using %s; wait for it to end, or give this "
                                   "one its own --db and --ckpt" % (owner, os.path.abspath(self.path[:-5])))
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 if fcntl is None or os.path.samestat(os.fstat(fd), os.stat(self.path)):
                     break
-            except FileNotFoundError:
-                pass
             os.close(fd)
         else:
             raise MacroError("cannot lock %s: it keeps being replaced" % self.path)
@@ -5102,10 +5098,8 @@ class FolderLock:
 
 
 def _remove_quietly(path):
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 def remove_stale_temps(path):
