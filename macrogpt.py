@@ -4066,18 +4066,14 @@ class Meter:
 # In a terminal the thread waits for each reply before showing the next "> " prompt, so
 # nothing ever prints over the line being typed.
 
-CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")     # C0 but tab and newline, DEL, C1
-
-
 class OutputError(MacroError):
     pass
 
 
 def escape_controls(text):
-    r"""Control characters as visible escapes, e.g. ESC -> \x1b: a corpus line or a reply must not
-    retitle the terminal or move its cursor. Tab stays; newline stays because it separates the
-    lines of one answer (/help, /status). Stored text keeps the characters as they came."""
-    return CONTROLS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+    r"""Control characters as visible escapes, e.g. ESC -> \x1b, so no reply retitles the terminal or moves its
+    cursor; tab stays, and newline, which separates the lines of one answer. Stored text keeps them all."""
+    return re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", lambda m: "\\x%02x" % ord(m.group()), text)    # C0, DEL, C1
 
 
 def say(text, stream=None):
@@ -4097,11 +4093,9 @@ def say(text, stream=None):
 
 
 def say_if_possible(text, stream=None):
-    """For last words: a closed terminal window (EIO) ends input before SIGHUP arrives."""
-    try:
+    """Last words, which nobody may be left to read: a closed terminal's EIO comes before its SIGHUP."""
+    with contextlib.suppress(OutputError, BrokenPipeError):
         say(text, stream)
-    except (OutputError, BrokenPipeError):
-        pass                                       # nobody is left to read it; the exit code says the rest
 
 
 def read_lines(loop, queue, interactive, go):
@@ -4118,10 +4112,8 @@ def read_lines(loop, queue, interactive, go):
                 line = bytes_to_text(raw.rstrip(b"\r\n")) if raw else None
         except (EOFError, KeyboardInterrupt, OSError, ValueError):
             line = None
-        try:
+        with contextlib.suppress(RuntimeError):        # the loop has closed: the session is over
             loop.call_soon_threadsafe(queue.put_nowait, line)
-        except RuntimeError:                           # the loop has closed: the session is over
-            return
 
 
 # `kill PID`, a closed terminal window: save and exit 0 (Windows has neither)
@@ -4149,10 +4141,8 @@ async def chat(session, interactive, train, progress=None):
         hung_up.append(True)                           # the terminal may be gone: say no goodbye
         queue.put_nowait(None)                         # then save and exit 0, as /quit does
     for sig, handler in [(signal.SIGINT, on_sigint)] + [(sig, on_quit_signal) for sig in QUIT_SIGNALS]:
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl+C raises KeyboardInterrupt
             loop.add_signal_handler(sig, handler)
-        except (NotImplementedError, RuntimeError):
-            pass                                       # Windows: Ctrl+C raises KeyboardInterrupt
     go = threading.Event()                             # set: the reader may show the next prompt
     go.set()
     threading.Thread(target=read_lines, args=(loop, queue, interactive, go), daemon=True).start()
@@ -4179,12 +4169,9 @@ async def chat(session, interactive, train, progress=None):
                     text = session.respond(line)
             except MemoryStoreError as e:                # the session goes on; stored rows are intact
                 text = "error: %s; %s" % (e, "not done" if line.startswith("/") else "no reply to this message")
-            say(text)
-            for note in notes:
-                say("[%s]" % note)
+            news = progress.lines(session.brain.progress, session.trainer.step) if progress else []
+            say("\n".join([text] + ["[%s]" % note for note in notes] + news))      # the reply, then the notes
             del notes[:]
-            for note in progress.lines(session.brain.progress, session.trainer.step) if progress else ():
-                say(note)
             go.set()
     finally:
         if task is not None:
@@ -5120,8 +5107,6 @@ def remove_stale_temps(path):
 
 def load_config(path):
     """Config() with the overrides of a JSON object file (--config)."""
-    if path is None:
-        return Config()
     try:
         with open(path, encoding="utf-8") as f:
             overrides = json.load(f)
@@ -5169,7 +5154,7 @@ def run(args):
         with contextlib.closing(Memory(args.db)) as memory:
             say(growth_chart(memory.growth_rows()))
         return 0
-    cfg = load_config(args.config)
+    cfg = load_config(args.config) if args.config is not None else Config()
     beside_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonames.txt")
     corpus = args.corpus or ("nonames.txt" if os.path.exists("nonames.txt") else beside_script)
     if not args.db or not args.ckpt:
@@ -5228,9 +5213,7 @@ def quit_on_signals():
 
     def terminate(signum, frame):
         raise Terminated(signum)
-    old = {}
-    for sig in QUIT_SIGNALS:
-        old[sig] = signal.signal(sig, terminate)
+    old = {sig: signal.signal(sig, terminate) for sig in QUIT_SIGNALS}    # signal() returns the old handler
 
     def restore():
         for sig, handler in old.items():
