@@ -3783,7 +3783,6 @@ class Voice:
 # survives any terminal, a pipe or a README; ASCII stands in where the output encoding
 # cannot show the blocks.
 
-GROWTH_HEIGHT = 12                         # plot rows of the chart
 # drawn in this order, so where the mix equals a source (lambda 0 or 1) the source's glyph shows
 GROWTH_SERIES = (("mix", "heldout_bpb"), ("field", "field_bpb"), ("network", "network_bpb"))
 GROWTH_GLYPHS = {"network": ("\u2588", "#"), "field": ("\u2591", "-"), "mix": ("\u2592", "+"),
@@ -3814,46 +3813,39 @@ def _draw_line(grid, points, glyph):
 
 def _x_labels(first, last, width):
     """'0        step       1224' under a plot `width` columns wide."""
-    left, right, mid = str(first), str(last), "step"
+    left, right = str(first), str(last)
     gap = width - len(left) - len(right)
-    if gap >= len(mid) + 2:
-        pad = (gap - len(mid)) // 2
-        return left + " " * pad + mid + " " * (gap - len(mid) - pad) + right
-    if gap >= 1:
-        return left + " " * gap + right
-    return right[-width:]
-
-
-def _wrapped(text, width):
-    return textwrap.wrap(text, max(1, width), break_long_words=True) or [""]
+    if gap < 1:
+        return right[-width:]
+    mid = "step" if gap >= len("step") + 2 else ""
+    pad = (gap - len(mid)) // 2
+    return left + " " * pad + mid + " " * (gap - len(mid) - pad) + right
 
 
 def _packed(items, width, sep="  "):
-    """Items joined by sep into lines <= width, never splitting an item that fits a line."""
+    """Items joined by sep into lines <= width, an item split only where it is longer than a line."""
     lines = []
     for item in items:
         if lines and len(lines[-1]) + len(sep) + len(item) <= width:
             lines[-1] += sep + item
         else:
-            lines.extend(_wrapped(item, width))
+            lines.extend(textwrap.wrap(item, max(1, width), break_long_words=True) or [""])
     return lines
 
 
-def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
+def render_growth(rows, width=80, height=12, ascii=False):
     """Held-out bits per byte of network, field and mix against training step -> text lines <= width.
-
     rows are Memory.growth_rows() dicts; missing, None or NaN figures are skipped, and rows of a
-    burst, or of a burst or idle phase that was rolled back, put a mark on the step axis.
-    """
+    burst, or of a burst or idle phase that was rolled back, put a mark on the step axis."""
     g = {k: v[1 if ascii else 0] for k, v in GROWTH_GLYPHS.items()}
     bar, tick, corner, rule = g["axis"]
     rows = [r for r in rows if _finite(r.get("step"))]
     if not rows:
-        return "\n".join(_wrapped("the growth log is empty: it fills in as the network trains", width))
+        return "\n".join(_packed(["the growth log is empty: it fills in as the network trains"], width))
     values = [v for r in rows for v in (r.get(key) for _, key in GROWTH_SERIES) if _finite(v)]
     if not values:
-        return "\n".join(_wrapped("no held-out figures yet (the log reaches step %d): they are first measured "
-                                  "when warmup ends" % max(r["step"] for r in rows), width))
+        return "\n".join(_packed(["no held-out figures yet (the log reaches step %d): they are first measured "
+                                  "when warmup ends" % max(r["step"] for r in rows)], width))
     # warmup checkpoints carry no figure: the step axis starts where there is something to draw
     rows = [r for r in rows if _burst_mark(r.get("note")) or any(_finite(r.get(k)) for _, k in GROWTH_SERIES)]
     lo, hi = min(values), max(values)
@@ -3863,7 +3855,7 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
     lw = max(len(s) for s in labels)
     plot_w, height = width - lw - 2, max(3, height)
     if plot_w < 2:
-        return "\n".join(_wrapped("too narrow for the growth chart", width))
+        return "\n".join(_packed(["too narrow for the growth chart"], width))
     s0, s1 = min(r["step"] for r in rows), max(r["step"] for r in rows)
 
     def col(step):
@@ -3882,34 +3874,25 @@ def render_growth(rows, width=80, height=GROWTH_HEIGHT, ascii=False):
         if mark and axis[col(r["step"])] != g["rejected"]:
             axis[col(r["step"])] = g[mark]
     label_at = {0: labels[0], (height - 1) // 2: labels[1], height - 1: labels[2]}
-    out = _wrapped("held-out bits per byte by training step (lower is better)", width)
+    out = _packed(["held-out bits per byte by training step (lower is better)"], width)
     for i, cells in enumerate(grid):
         out.append("%*s %s%s" % (lw, label_at.get(i, ""), tick if i in label_at else bar, "".join(cells)))
-    out.append(" " * (lw + 1) + corner + "".join(axis))
-    out.append(" " * (lw + 2) + _x_labels(s0, s1, plot_w))
-    n_burst = sum(_burst_mark(r.get("note")) == "burst" for r in rows)
-    n_rejected = sum(_burst_mark(r.get("note")) == "rejected" for r in rows)
+    out += [" " * (lw + 1) + corner + "".join(axis), " " * (lw + 2) + _x_labels(s0, s1, plot_w)]
+    marks = Counter(_burst_mark(r.get("note")) for r in rows)
     out.extend(_packed(["%s network" % g["network"], "%s field" % g["field"], "%s mix" % g["mix"],
-                        "%s burst (%d)" % (g["burst"], n_burst),
-                        "%s rolled back (%d)" % (g["rejected"], n_rejected)], width))
+                        "%s burst (%d)" % (g["burst"], marks["burst"]),
+                        "%s rolled back (%d)" % (g["rejected"], marks["rejected"])], width))
     return "\n".join(line.rstrip() for line in out)
-
-
-def can_show(text, stream):
-    """Whether stream's encoding can write text as it is."""
-    try:
-        text.encode(getattr(stream, "encoding", None) or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
 
 
 def growth_chart(rows, stream=None):
     """The chart as this output can show it: at most 80 columns, ASCII if the encoding lacks the blocks."""
-    stream = stream or sys.stdout
-    unicode_glyphs = "".join(v[0] for v in GROWTH_GLYPHS.values())
-    width = min(80, shutil.get_terminal_size().columns)
-    return render_growth(rows, width, ascii=not can_show(unicode_glyphs, stream))
+    encoding = getattr(stream or sys.stdout, "encoding", None) or "ascii"
+    ascii = True
+    with contextlib.suppress(UnicodeEncodeError, LookupError):
+        "".join(v[0] for v in GROWTH_GLYPHS.values()).encode(encoding)
+        ascii = False                                      # the encoding can show the blocks
+    return render_growth(rows, min(80, shutil.get_terminal_size().columns), ascii=ascii)
 
 
 # ======================================================================================
@@ -4049,9 +4032,6 @@ def format_duration(seconds):
 # ======================================================================================
 # Progress notes: one fixed-format line about training, shown where the user already looks.
 # ======================================================================================
-# The REPL shows these after a reply, never over the line being typed, and only when
-# something moved; long command-line work (--eval, --bench) keeps one line updated on
-# stderr while it is a terminal.
 
 def warmup_percent(step, cfg):
     return min(100, int(100 * step / max(1, cfg.warmup_steps)))
@@ -4065,19 +4045,15 @@ def warmup_eta(progress, cfg, step):
 
 def progress_line(progress, cfg, step):
     """`[warmup 34% | step 410/1200 | eta 12m03s | held-out -]` from a Brain's Progress."""
-    eta = warmup_eta(progress, cfg, step)
     h = progress.heldout
-    held = "%.2f bits/byte" % h.mix_bpb if h else "-"
     return "[warmup %d%% | step %d/%d | eta %s | held-out %s]" % (
-        warmup_percent(step, cfg), step, cfg.warmup_steps, format_duration(eta), held)
+        warmup_percent(step, cfg), step, cfg.warmup_steps, format_duration(warmup_eta(progress, cfg, step)),
+        "%.2f bits/byte" % h.mix_bpb if h else "-")
 
 
 class TrainingNotes:
-    """Decides which progress notes the REPL shows after a reply; each is said at most once.
-
-    A warmup line appears when the percentage moved by at least one point or a new held-out
-    figure came in; the first time lambda rises above 0 the network's arrival is announced.
-    """
+    """Decides which progress notes the REPL shows after a reply: a warmup line when the percentage
+    moved or a new held-out figure came in, and once, when lambda first rises above 0, the network's arrival."""
 
     def __init__(self, cfg, progress):
         self.cfg = cfg
@@ -4086,17 +4062,14 @@ class TrainingNotes:
         self.spoke = progress.lam > 0
 
     def lines(self, progress, step):
-        out = []
-        if not self.warmup_over:
-            h = progress.heldout
-            now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
-            if self.shown is None or now[0] - self.shown[0] >= 1 or now[1] != self.shown[1]:
-                out.append(progress_line(progress, self.cfg, step))
-                self.shown = now
-            self.warmup_over = progress.warmup_done
-        lam = progress.lam
-        if not self.spoke and lam > 0:
-            out.append("[the network now speaks: lambda %.2f]" % lam)
+        out, h = [], progress.heldout
+        now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
+        if not self.warmup_over and now != self.shown:
+            out.append(progress_line(progress, self.cfg, step))
+            self.shown = now
+        self.warmup_over = progress.warmup_done
+        if not self.spoke and progress.lam > 0:
+            out.append("[the network now speaks: lambda %.2f]" % progress.lam)
             self.spoke = True
         return out
 
@@ -4107,19 +4080,21 @@ class Meter:
     def __init__(self, label, total, enabled=True, stream=None, now=time.monotonic):
         self.stream = stream or sys.stderr
         self.label, self.total, self.now = label, total, now
-        self.on = enabled and total > 0 and _is_terminal(self.stream)
+        tty = False
+        with contextlib.suppress(AttributeError, ValueError):      # no isatty, or already closed
+            tty = self.stream.isatty()
+        self.on = enabled and total > 0 and tty
         self.start, self.percent, self.width = now(), None, 0
 
     def update(self, done):
         if not self.on:
             return
         percent = int(100 * done / self.total)
-        if percent == self.percent:
-            return
-        self.percent = percent
-        elapsed = self.now() - self.start
-        eta = elapsed / done * (self.total - done) if done else None
-        self._write("%s %d%% | %d/%d | eta %s" % (self.label, percent, done, self.total, format_duration(eta)))
+        if percent != self.percent:
+            self.percent = percent
+            elapsed = self.now() - self.start
+            eta = elapsed / done * (self.total - done) if done else None
+            self._write("%s %d%% | %d/%d | eta %s" % (self.label, percent, done, self.total, format_duration(eta)))
 
     def finish(self):
         if self.on and self.width:
@@ -4131,13 +4106,6 @@ class Meter:
         self.width = len(text) if text else 0
 
 
-def _is_terminal(stream):
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):          # no isatty, or already closed
-        return False
-
-
 # ======================================================================================
 # REPL: a reader thread feeds lines to the event loop; the trainer runs beside it.
 # ======================================================================================
@@ -4145,19 +4113,14 @@ def _is_terminal(stream):
 # In a terminal the thread waits for each reply before showing the next "> " prompt, so
 # nothing ever prints over the line being typed.
 
-INTERRUPT = object()
-CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")     # C0 but tab and newline, DEL, C1
-
-
 class OutputError(MacroError):
     pass
 
 
 def escape_controls(text):
-    r"""Control characters as visible escapes, e.g. ESC -> \x1b: a corpus line or a reply must not
-    retitle the terminal or move its cursor. Tab stays; newline stays because it separates the
-    lines of one answer (/help, /status). Stored text keeps the characters as they came."""
-    return CONTROLS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+    r"""Control characters as visible escapes, e.g. ESC -> \x1b, so no reply retitles the terminal or moves its
+    cursor; tab stays, and newline, which separates the lines of one answer. Stored text keeps them all."""
+    return re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", lambda m: "\\x%02x" % ord(m.group()), text)    # C0, DEL, C1
 
 
 def say(text, stream=None):
@@ -4176,63 +4139,38 @@ def say(text, stream=None):
         raise OutputError("cannot write to %s: %s" % (name, e.strerror or e))
 
 
-def say_if_possible(text):
-    """For courtesy lines at exit: a closed terminal window (EIO) ends input before SIGHUP arrives."""
-    try:
-        say(text)
-    except OutputError:
-        pass                                       # nobody is left to read it; the exit code stays 0
+def say_if_possible(text, stream=None):
+    """Last words, which nobody may be left to read: a closed terminal's EIO comes before its SIGHUP."""
+    with contextlib.suppress(OutputError, BrokenPipeError):
+        say(text, stream)
 
 
-class LineReader:
-    def __init__(self, loop, queue, interactive):
-        self.loop = loop
-        self.queue = queue
-        self.interactive = interactive
-        self.go = threading.Event()
-        self.go.set()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def ready(self):
-        self.go.set()
-
-    def _put(self, item):
+def read_lines(loop, queue, interactive, go):
+    """The reader thread: each line of standard input onto the queue once `go` is set, then None."""
+    line = ""
+    while line is not None:
+        go.wait()
+        go.clear()
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:                           # the loop has closed: the session is over
-            pass
-
-    def _run(self):
-        while True:
-            self.go.wait()
-            self.go.clear()
-            try:
-                if self.interactive:
-                    line = input("> ")
-                else:
-                    raw = sys.stdin.buffer.readline()
-                    if not raw:
-                        raise EOFError
-                    line = bytes_to_text(raw.rstrip(b"\r\n"))
-            except EOFError:
-                self._put(None)
-                return
-            except (KeyboardInterrupt, OSError, ValueError):
-                self._put(None)
-                return
-            self._put(line)
+            if interactive:
+                line = input("> ")
+            else:
+                raw = sys.stdin.buffer.readline()
+                line = bytes_to_text(raw.rstrip(b"\r\n")) if raw else None
+        except (EOFError, KeyboardInterrupt, OSError, ValueError):
+            line = None
+        with contextlib.suppress(RuntimeError):        # the loop has closed: the session is over
+            loop.call_soon_threadsafe(queue.put_nowait, line)
 
 
-QUIT_SIGNALS = ("SIGTERM", "SIGHUP")       # `kill PID`, a closed terminal window: save and exit 0
+# `kill PID`, a closed terminal window: save and exit 0 (Windows has neither)
+QUIT_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
 
 
 async def chat(session, interactive, train, progress=None):
-    loop = asyncio.get_event_loop()
-    queue = asyncio.Queue()
-    notes = []
+    """Answer standard input until it ends, /quit or a signal; progress is TrainingNotes or None."""
+    loop, queue = asyncio.get_event_loop(), asyncio.Queue()
+    notes, interrupts, hung_up = [], [0], []
 
     def log(msg):
         if interactive:
@@ -4240,43 +4178,34 @@ async def chat(session, interactive, train, progress=None):
         else:
             say(msg, sys.stderr)
 
-    interrupts = [0]
-
     def on_sigint():
         interrupts[0] += 1
         if interrupts[0] > 1:
             os._exit(130)                              # checkpoints are atomic: nothing tears
-        queue.put_nowait(INTERRUPT)
-    try:
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
-    except (NotImplementedError, RuntimeError):
-        pass                                           # Windows: Ctrl+C raises KeyboardInterrupt
-    hung_up = []
+        queue.put_nowait(None)
 
-    def on_quit_signal(name):
-        hung_up.append(name)                           # the terminal may be gone: say no goodbye
+    def on_quit_signal():
+        hung_up.append(True)                           # the terminal may be gone: say no goodbye
         queue.put_nowait(None)                         # then save and exit 0, as /quit does
-    for name in QUIT_SIGNALS:
-        if hasattr(signal, name):
-            try:
-                loop.add_signal_handler(getattr(signal, name), on_quit_signal, name)
-            except (NotImplementedError, RuntimeError):
-                pass
-    reader = LineReader(loop, queue, interactive)
-    reader.start()
+    for sig, handler in [(signal.SIGINT, on_sigint)] + [(sig, on_quit_signal) for sig in QUIT_SIGNALS]:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl+C raises KeyboardInterrupt
+            loop.add_signal_handler(sig, handler)
+    go = threading.Event()                             # set: the reader may show the next prompt
+    go.set()
+    threading.Thread(target=read_lines, args=(loop, queue, interactive, go), daemon=True).start()
     task = loop.create_task(train_forever(session.trainer, log)) if train else None
     if interactive:
         say("macrogpt %s: type a message, /help for commands, Ctrl+D to leave." % VERSION)
     try:
         while True:
             line = await queue.get()
-            if line is None or line is INTERRUPT:
+            if line is None:
                 if interactive and not hung_up:
                     say_if_possible("")
                 break
             line = line.strip()
             if not line:
-                reader.ready()
+                go.set()
                 continue
             try:
                 if line.startswith("/"):
@@ -4287,13 +4216,10 @@ async def chat(session, interactive, train, progress=None):
                     text = session.respond(line)
             except MemoryStoreError as e:                # the session goes on; stored rows are intact
                 text = "error: %s; %s" % (e, "not done" if line.startswith("/") else "no reply to this message")
-            say(text)
-            for note in notes:
-                say("[%s]" % note)
+            news = progress.lines(session.brain.progress, session.trainer.pool.step) if progress else []
+            say("\n".join([text] + ["[%s]" % note for note in notes] + news))      # the reply, then the notes
             del notes[:]
-            for note in progress.lines(session.brain.progress, session.trainer.pool.step) if progress else ():
-                say(note)
-            reader.ready()
+            go.set()
     finally:
         if task is not None:
             task.cancel()
@@ -4355,7 +4281,7 @@ def line_probs(model, field, tok, before, text, block_size):
     return list(zip(pm, [field.prob(ids[:i], t) for i, t in enumerate(ids)]))
 
 
-def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_progress=False):
+def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, show_progress=False):
     """Bits per byte of network, field and mix on a file: each line of a dialogue file with its
     conversation before it, as the voice's prompt has it (answers reported apart), else each line alone."""
     convs = read_conversations(path)
@@ -4364,8 +4290,7 @@ def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_pro
     brain = brain_for_reading(cfg, corpus_path, ckpt_path, seed)
     train, _ = split_heldout(read_corpus_file(corpus_path), cfg.heldout_every)
     field = NGramField(cfg.field_order, brain.tok.vocab_size, cfg.field_discount)
-    for line in train:
-        field.add(brain.tok.encode(line))
+    field.rebuild(brain.tok.encode(line) for line in train)
     pairs, answers, n_bytes, n_answer = [], [], 0, 0
     meter = Meter("eval", len(convs), show_progress)
     for done, conv in enumerate(convs):
@@ -4386,14 +4311,14 @@ def evaluate_file(path, cfg, corpus_path, ckpt_path, seed=0, out=print, show_pro
     result = figures(pairs, n_bytes)
     result.update({"bytes": n_bytes, "lines": sum(map(len, convs)), "conversations": len(convs), "lambda": lam,
                    "step": brain.step, "checkpoint": ckpt_path if os.path.exists(ckpt_path) else None})
-    out("%s: %d bytes in %d lines | bits/byte: network %.3f | field %.3f | mix %.3f (lambda %.2f, step %d)"
+    say("%s: %d bytes in %d lines | bits/byte: network %.3f | field %.3f | mix %.3f (lambda %.2f, step %d)"
         % (path, n_bytes, result["lines"], result["network"], result["field"], result["mix"], lam, brain.step))
     if answers:
         result["answers"] = dict(figures(answers, n_answer), bytes=n_answer)
         a = result["answers"]
-        out("answers with their conversation before them: %d bytes | network %.3f | field %.3f | mix %.3f"
+        say("answers with their conversation before them: %d bytes | network %.3f | field %.3f | mix %.3f"
             % (n_answer, a["network"], a["field"], a["mix"]))
-    out(json.dumps(result, sort_keys=True))
+    say(json.dumps(result, sort_keys=True))
     return result
 
 
@@ -4955,19 +4880,16 @@ def run_hf(args, cfg):
 # Bench: `python macrogpt.py --bench` measures training, generation and a naive reference.
 # ======================================================================================
 
-def forward_macs_per_token(cfg, vocab_size, T, n_deltas=0):
+def forward_macs_per_token(cfg, vocab_size, T):
     """Multiply-adds of one token's forward pass at sequence length T (attention averaged)."""
-    C, H, r = cfg.n_embd, 4 * cfg.n_embd, cfg.delta_rank
-    shapes = [(C, C)] * 4 + [(H, C), (H, C), (C, H)]          # (out, in) of each block linear
-    per_layer = sum(o * i + n_deltas * r * (o + i) for o, i in shapes)
+    C, H = cfg.n_embd, 4 * cfg.n_embd
+    per_layer = 4 * C * C + 3 * H * C                         # wq, wk, wv, wo; gate, value, fc2
     per_layer += (T + 1) * C                                  # q.k and p.v over (T+1)/2 keys
-    head = vocab_size * C + n_deltas * r * (vocab_size + C)
-    return cfg.n_layer * per_layer + head
+    return cfg.n_layer * per_layer + vocab_size * C           # and the lm_head
 
 
 def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
+    xs, n = sorted(xs), len(xs)
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
@@ -4984,64 +4906,44 @@ def bench_naive_mflops(N, k, M, repeats=3):
     return 2.0 * N * k * M / _median(times) / 1e6
 
 
-def bench_brain(cfg, tok):
-    return Brain(GPT(cfg, tok.vocab_size, seed=0), Adam(cfg), 0, tok, Progress())
-
-
-def bench_model(cfg, tok, steps=5, n_seq=4, T=64, gen_tokens=200, prompt_tokens=16, out=print):
-    """Training tokens/s of the step the trainer runs, in this process, and generation tokens/s."""
-    rng, vocab_size = random.Random(0), tok.vocab_size
-    pool = Pool(0)
-    pool.load(bench_brain(cfg, tok))
-    rates = []
-    for i in range(steps + 1):                                # the first step is a warm-up
-        seqs = [[rng.randrange(vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
-        t0 = time.perf_counter()
-        loss, _ = pool.train_step(seqs, lr_at(i, cfg), True)
-        dt = time.perf_counter() - t0
-        if i:
-            rates.append(n_seq * T / dt)
-            out("train step %d/%d | loss %.3f | %.0f tok/s" % (i, steps, loss, rates[-1]))
-    model = pool.local.brain.model
-    cache = model.new_cache()
-    for tok in [rng.randrange(vocab_size) for _ in range(prompt_tokens)]:
-        logits = model.step(cache, tok)
-    t0 = time.perf_counter()
-    for _ in range(gen_tokens):
-        logits = model.step(cache, max(range(len(logits)), key=logits.__getitem__))
-    gen_rate = gen_tokens / (time.perf_counter() - t0)
-    return {"train_tokens_per_s": round(_median(rates), 1), "gen_tokens_per_s": round(gen_rate, 1),
-            "params": model.num_params(),
-            "train_flops_per_token": 3 * 2 * forward_macs_per_token(cfg, vocab_size, T)}
-
-
-def bench_workers(cfg, n, tok, steps=4, n_seq=4, T=64, out=print):
-    """Training tokens/s of n worker processes sharing each n_seq x T batch (median; one warm-up step)."""
-    pool = Pool(n)
-    rng, rates = random.Random(0), []
+def bench_training(cfg, brain, workers, shape, label, out, steps=4):
+    """Training tokens/s of a Pool of `workers` processes (0: this one) on random batches of
+    shape (n_seq, T): the median of `steps` steps after a first one that warms up."""
+    n_seq, T = shape
+    pool, rng, rates = Pool(workers), random.Random(0), []
     try:
-        pool.load(bench_brain(cfg, tok))
+        pool.load(brain)
         for i in range(steps + 1):
-            b = [[rng.randrange(tok.vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
+            batch = [[rng.randrange(brain.tok.vocab_size) for _ in range(T + 1)] for _ in range(n_seq)]
             t0 = time.perf_counter()
-            pool.train_step(b, lr_at(i, cfg), True)
+            loss, _ = pool.train_step(batch, lr_at(i, cfg), True)
             if i:
                 rates.append(n_seq * T / (time.perf_counter() - t0))
-                out("%d worker%s step %d/%d | %.0f tok/s" % (n, "s" if n > 1 else "", i, steps, rates[-1]))
+                out("%s step %d/%d | loss %.3f | %.0f tok/s" % (label, i, steps, loss, rates[-1]))
     finally:
         pool.close()
     return round(_median(rates), 1)
 
 
+def bench_generation(model, n_tokens=200, prompt_tokens=16):
+    """Tokens/s of greedy generation after a random prompt, a token at a time as a reply is made."""
+    rng, cache = random.Random(0), model.new_cache()
+    for token in [rng.randrange(model.vocab_size) for _ in range(prompt_tokens)]:
+        logits = model.step(cache, token)
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        logits = model.step(cache, max(range(len(logits)), key=logits.__getitem__))
+    return n_tokens / (time.perf_counter() - t0)
+
+
 def bench_tokenizer(lines, num_merges):
-    """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after
-    -> (figures, the tokenizer)."""
+    """Seconds to learn num_merges merges on lines, and encode throughput (bytes/s) after."""
     tok = Tokenizer()
     t0 = time.perf_counter()
     tok.train(lines, num_merges)
     train_s = time.perf_counter() - t0
     n_bytes = sum(len(text_to_bytes(l)) + 1 for l in lines)
-    times, n_tokens = [], 0
+    times = []
     for _ in range(3):
         tok._cache.clear()                                    # measure cold encoding
         t0 = time.perf_counter()
@@ -5049,49 +4951,43 @@ def bench_tokenizer(lines, num_merges):
         times.append(time.perf_counter() - t0)
     return {"bpe_train_seconds": round(train_s, 3), "bpe_merges": len(tok.merges),
             "encode_bytes_per_s": round(n_bytes / _median(times)), "corpus_bytes": n_bytes,
-            "tokens_per_byte": round(n_tokens / n_bytes, 4)}, tok
+            "tokens_per_byte": round(n_tokens / n_bytes, 4)}
 
 
-def run_bench(cfg, corpus_path=None, out=print, show_progress=False):
+def run_bench(cfg, corpus_path, out=say, show_progress=False):
     """Speeds of the model a first run trains: its vocabulary is the one the corpus teaches
-    the tokenizer (bytes alone without a corpus), since the output layer grows with it."""
+    the tokenizer, since the output layer grows with it."""
     t0 = time.perf_counter()
     meter = Meter("bench", 2, show_progress)                  # on the quiet phases only
     meter.update(0)
     result = {"python": sys.version.split()[0], "config": cfg.to_dict(),
               "kernel": "math.dist" if _dist is not None else "sum(map(mul))",
               "gen_kernel": "float" if cfg.exact_generation else "64-bit fixed point"}
-    tok = Tokenizer()
-    if corpus_path:
-        lines = read_corpus_file(corpus_path)
-        figures, trained = bench_tokenizer(lines, cfg.bpe_num_merges)
-        result.update(figures)
-        train, _ = split_heldout(lines, cfg.heldout_every)            # a first run's rule and text
-        if bpe_merges_due(cfg, sum(len(text_to_bytes(l)) for l in train), 0):
-            tok = trained
-    result["vocab"] = tok.vocab_size
+    result.update(bench_tokenizer(read_corpus_file(corpus_path), cfg.bpe_num_merges))
+    brain = brain_for_reading(cfg, corpus_path, None)         # a first run's newborn
     meter.update(1)
     result["naive_mflops"] = round(bench_naive_mflops(256, cfg.n_embd, 4 * cfg.n_embd), 1)
-    meter.finish()                                            # bench_model prints a line per step itself
-    result.update(bench_model(cfg, tok, out=out))
+    meter.finish()                                            # the training benches print a line per step
+    model = brain.model
+    result.update(vocab=model.vocab_size, params=model.num_params(),
+                  train_tokens_per_s=bench_training(cfg, brain, 0, (4, 64), "train", out, steps=5),
+                  gen_tokens_per_s=round(bench_generation(model), 1),
+                  train_flops_per_token=3 * 2 * forward_macs_per_token(cfg, model.vocab_size, 64))
     result["train_mflops"] = round(result["train_tokens_per_s"] * result["train_flops_per_token"] / 1e6, 1)
     n = result["train_workers"] = worker_count(cfg)
-    result["train_tokens_per_s_1"] = bench_workers(cfg, 1, tok, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
-    result["train_tokens_per_s_all"] = (bench_workers(cfg, n, tok, n_seq=cfg.batch_size, T=cfg.seq_len, out=out)
-                                        if n > 1 else result["train_tokens_per_s_1"])
+    shape = (cfg.batch_size, cfg.seq_len)                     # the trainer's own batches
+    one = result["train_tokens_per_s_1"] = bench_training(cfg, brain, 1, shape, "1 worker", out)
+    result["train_tokens_per_s_all"] = bench_training(cfg, brain, n, shape, "%d workers" % n, out) if n > 1 else one
     result["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    out("python %s | kernel %s, generation %s | %d params, vocabulary %d"
-        % (result["python"], result["kernel"], result["gen_kernel"], result["params"], result["vocab"]))
-    out("train %.0f tok/s (%.0f MFLOP/s) | generate %.0f tok/s | naive matmul %.0f MFLOP/s"
-        % (result["train_tokens_per_s"], result["train_mflops"], result["gen_tokens_per_s"],
-           result["naive_mflops"]))
+    out("python %(python)s | kernel %(kernel)s, generation %(gen_kernel)s | %(params)d params, vocabulary %(vocab)d"
+        % result)
+    out("train %(train_tokens_per_s).0f tok/s (%(train_mflops).0f MFLOP/s) | generate %(gen_tokens_per_s).0f tok/s"
+        " | naive matmul %(naive_mflops).0f MFLOP/s" % result)
     out("data-parallel training: %.0f tok/s with 1 worker, %.0f with %d (x%.2f)"
-        % (result["train_tokens_per_s_1"], result["train_tokens_per_s_all"], n,
-           result["train_tokens_per_s_all"] / max(1e-9, result["train_tokens_per_s_1"])))
-    if corpus_path:
-        out("tokenizer: %d merges in %.2f s | encode %.0f KB/s | %.3f tokens per byte on %d bytes"
-            % (result["bpe_merges"], result["bpe_train_seconds"], result["encode_bytes_per_s"] / 1000,
-               result["tokens_per_byte"], result["corpus_bytes"]))
+        % (one, result["train_tokens_per_s_all"], n, result["train_tokens_per_s_all"] / max(1e-9, one)))
+    out("tokenizer: %d merges in %.2f s | encode %.0f KB/s | %.3f tokens per byte on %d bytes"
+        % (result["bpe_merges"], result["bpe_train_seconds"], result["encode_bytes_per_s"] / 1000,
+           result["tokens_per_byte"], result["corpus_bytes"]))
     out(json.dumps(result, sort_keys=True))
     return result
 
@@ -5111,34 +5007,11 @@ class LockedError(MacroError):
     pass
 
 
-def _try_lock(fd):
-    """A non-blocking exclusive lock on an open file -> False if another process holds it."""
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    except (BlockingIOError, PermissionError):
-        return False
-    return True
-
-
-def _same_file(fd, path):
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    here = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
-
-
 class FolderLock:
     """An exclusive OS lock on `<path>.lock` for as long as this process lives or until release()."""
 
     def __init__(self, path):
-        self.path = path + ".lock"
-        self.fd = None
+        self.path, self.fd = path + ".lock", None
 
     def acquire(self):
         for _ in range(100):                           # each retry means another process just released
@@ -5146,14 +5019,21 @@ class FolderLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             except OSError as e:
                 raise MacroError("cannot create lock file %s: %s" % (self.path, e.strerror or e))
-            if not _try_lock(fd):
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            except (BlockingIOError, PermissionError):
                 os.lseek(fd, 0, os.SEEK_SET)
                 owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
                 os.close(fd)
                 raise LockedError("another macrogpt (PID %s) is using %s; wait for it to end, or give this "
                                   "one its own --db and --ckpt" % (owner, os.path.abspath(self.path[:-5])))
-            if fcntl is None or _same_file(fd, self.path):
-                break
+            with contextlib.suppress(FileNotFoundError):
+                if fcntl is None or os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
             os.close(fd)
         else:
             raise MacroError("cannot lock %s: it keeps being replaced" % self.path)
@@ -5181,46 +5061,31 @@ class FolderLock:
 
     def __exit__(self, kind, value, tb):
         self.release()
-        return False
 
 
 def _remove_quietly(path):
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 def remove_stale_temps(path):
     """Remove `<path>.<pid>.tmp` (and the older `<path>.tmp`) left by killed writers -> how many.
-
-    Call it only while holding the lock on `path`: then no other process is writing one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
+    Call it only while holding the lock on `path`: then no other process is writing one."""
+    folder, base = os.path.split(os.path.abspath(path))
     pattern = re.compile(re.escape(base) + r"(\.\d+)?\.tmp\Z")
-    removed = 0
-    for name in os.listdir(folder):
-        if pattern.match(name) and os.path.join(folder, name) != os.path.abspath(temp_name(path)):
-            _remove_quietly(os.path.join(folder, name))
-            removed += 1
-    return removed
+    ours = os.path.basename(temp_name(path))
+    stale = [name for name in os.listdir(folder) if pattern.match(name) and name != ours]
+    for name in stale:
+        _remove_quietly(os.path.join(folder, name))
+    return len(stale)
 
 
 # ======================================================================================
 # CLI: argparse, paths in the current directory, one-line errors with exit code 2.
 # ======================================================================================
 
-def default_corpus_path():
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonames.txt")
-    return "nonames.txt" if os.path.exists("nonames.txt") else here
-
-
 def load_config(path):
     """Config() with the overrides of a JSON object file (--config)."""
-    cfg = Config()
-    if path is None:
-        return cfg
     try:
         with open(path, encoding="utf-8") as f:
             overrides = json.load(f)
@@ -5228,10 +5093,9 @@ def load_config(path):
         raise ConfigError("cannot read config %s: %s" % (path, e))
     if not isinstance(overrides, dict):
         raise ConfigError("config %s must hold a JSON object of Config fields" % path)
-    known = {f.name: f.type for f in fields(Config)}
-    for key in overrides:
-        if key not in known:
-            raise ConfigError("config %s: unknown field %r" % (path, key))
+    unknown = [key for key in overrides if key not in {f.name for f in fields(Config)}]
+    if unknown:
+        raise ConfigError("config %s: unknown field %r" % (path, unknown[0]))
     try:
         return Config(**overrides)
     except TypeError as e:
@@ -5263,105 +5127,72 @@ def build_parser():
 
 
 def run(args):
-    if args.growth:
-        return print_growth(args.db)
-    cfg = load_config(args.config)
-    corpus = args.corpus or default_corpus_path()
-    check_paths(args)
-    if args.bench:
-        run_bench(cfg, corpus, out=say, show_progress=not args.quiet)
+    if args.growth:                            # no config or corpus needed; opening may upgrade the schema
+        if not os.path.exists(args.db):
+            raise MacroError("no database %s here yet: chat first (python3 macrogpt.py), or pass --db" % args.db)
+        with contextlib.closing(Memory(args.db)) as memory:
+            say(growth_chart(memory.growth_rows()))
         return 0
-    if args.eval:
-        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, out=say, show_progress=not args.quiet)
-        return 0
-    if args.export is not None or args.export_lora is not None or args.import_dir is not None:
-        return run_hf(args, cfg)
-    if args.tokenize is not None:
-        say(format_tokenization(brain_for_reading(cfg, corpus, args.ckpt, args.seed).tok, args.tokenize))
-        return 0
-    if args.prompt is None and sys.stdin is None:
-        raise MacroError("standard input is closed; pipe messages in, or give --prompt TEXT")
-    with FolderLock(args.db), FolderLock(args.ckpt):         # before anything is written
-        remove_stale_temps(args.ckpt)
-        return run_session(cfg, corpus, args)
-
-
-def check_paths(args):
+    cfg = load_config(args.config) if args.config is not None else Config()
+    beside_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonames.txt")
+    corpus = args.corpus or ("nonames.txt" if os.path.exists("nonames.txt") else beside_script)
     if not args.db or not args.ckpt:
         raise MacroError("--db and --ckpt need a file name")
     if os.path.abspath(args.db) == os.path.abspath(args.ckpt):
         raise MacroError("--db and --ckpt must be different files")
+    if args.bench:
+        run_bench(cfg, corpus, show_progress=not args.quiet)
+    elif args.eval:
+        evaluate_file(args.eval, cfg, corpus, args.ckpt, args.seed, show_progress=not args.quiet)
+    elif args.export is not None or args.export_lora is not None or args.import_dir is not None:
+        return run_hf(args, cfg)
+    elif args.tokenize is not None:
+        say(format_tokenization(brain_for_reading(cfg, corpus, args.ckpt, args.seed).tok, args.tokenize))
+    elif args.prompt is None and sys.stdin is None:
+        raise MacroError("standard input is closed; pipe messages in, or give --prompt TEXT")
+    else:
+        with FolderLock(args.db), FolderLock(args.ckpt):         # before anything is written
+            remove_stale_temps(args.ckpt)
+            run_session(cfg, corpus, args)
+    return 0
 
 
 def run_session(cfg, corpus, args):
     """Chat, or answer --prompt once: the work that writes, done while holding the folder lock."""
-    if args.prompt is not None:
-        session = Session(cfg, corpus, args.db, args.ckpt, args.seed)
-        try:
-            text = args.prompt.strip()
-            if text.startswith("/"):
-                shown, _ = session.command(text)
-                if shown:
-                    say(shown)
-            else:
-                say(session.respond(text) if text else FALLBACK_REPLY)
-            session.save()
-        finally:
-            session.close()
-        return 0
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if interactive:
-        try:
-            import readline                                   # noqa: F401  line editing and history
-        except ImportError:
-            pass
-    train = not args.no_train
-    pool = Pool(worker_count(cfg), args.seed) if train else None
-    try:
-        session = Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)
-        try:
+    train = args.prompt is None and not args.no_train
+    with contextlib.closing(Pool(worker_count(cfg) if train else 0, args.seed)) as pool:
+        with contextlib.closing(Session(cfg, corpus, args.db, args.ckpt, args.seed, pool)) as session:
+            if args.prompt is not None:
+                text = args.prompt.strip()
+                if text.startswith("/"):
+                    text, _ = session.command(text)               # None after /quit: nothing to show
+                else:
+                    text = session.respond(text) if text else FALLBACK_REPLY
+                if text is not None:
+                    say(text)
+                session.save()
+                return
+            interactive = sys.stdin.isatty() and sys.stdout.isatty()
+            if interactive:
+                with contextlib.suppress(ImportError):
+                    import readline                               # noqa: F401  line editing and history
             notes = TrainingNotes(session.cfg, session.brain.progress) if interactive and train and not args.quiet else None
             asyncio.run(chat(session, interactive, train, notes))
-            quit_on_signals()                                  # the loop's handlers went with it
-        finally:
-            session.close()
-    finally:
-        if pool is not None:
-            pool.close()
-    return 0
-
-
-def print_growth(db_path):
-    """--growth: draw the growth log without training or chatting (opening may upgrade its schema)."""
-    if not os.path.exists(db_path):
-        raise MacroError("no database %s here yet: chat first (python3 macrogpt.py), or pass --db" % db_path)
-    memory = Memory(db_path)
-    try:
-        say(growth_chart(memory.growth_rows()))
-    finally:
-        memory.close()
-    return 0
+            quit_on_signals()                                      # the loop's handlers went with it
 
 
 class Terminated(BaseException):
     """SIGTERM or SIGHUP outside the chat loop; like KeyboardInterrupt, no `except Exception` stops it."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated(signum)
-
-
 def quit_on_signals():
     """SIGTERM and SIGHUP outside the chat loop end the program quietly -> a function restoring the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
     if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
         signal.signal(signal.SIGINT, signal.default_int_handler)   # set to SIG_DFL for the imports
-    old = {}
-    for name in QUIT_SIGNALS:
-        if hasattr(signal, name):
-            sig = getattr(signal, name)
-            old[sig] = signal.signal(sig, _raise_terminated)
+
+    def terminate(signum, frame):
+        raise Terminated(signum)
+    old = {sig: signal.signal(sig, terminate) for sig in QUIT_SIGNALS}    # signal() returns the old handler
 
     def restore():
         for sig, handler in old.items():
@@ -5371,17 +5202,12 @@ def quit_on_signals():
 
 def plug_closed_streams():
     """Put /dev/null on a closed fd 0, 1 or 2, so no file we open lands there and is written by print.
-
-    sys.stdin and sys.stdout stay None, which run() reads as "closed"; a closed stderr just goes quiet.
-    """
+    sys.stdin and sys.stdout stay None, which run() reads as "closed"; a closed stderr just goes quiet."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+            os.open(os.devnull, os.O_RDWR)             # the lowest free descriptor: this one
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)
 
@@ -5394,10 +5220,9 @@ def _quiet_stdout():
 
 
 def main(argv=None):
-    restore = None
+    restore = quit_on_signals()
     try:
         plug_closed_streams()
-        restore = quit_on_signals()
         args = build_parser().parse_args(argv)
         if sys.stdout is None:
             raise OutputError("standard output is closed; nothing could be shown")
@@ -5405,10 +5230,7 @@ def main(argv=None):
     except MacroError as e:
         if isinstance(e, OutputError):
             _quiet_stdout()
-        try:
-            say("macrogpt: error: %s" % e, sys.stderr)
-        except (OutputError, BrokenPipeError):
-            pass                                   # stderr is gone too: the exit code is all we have
+        say_if_possible("macrogpt: error: %s" % e, sys.stderr)
         return 2
     except BrokenPipeError:                        # `| head` closed our output: nothing left to say
         _quiet_stdout()
@@ -5418,8 +5240,7 @@ def main(argv=None):
     except Terminated:                             # before the loop: nothing new to save yet
         return 0
     finally:
-        if restore is not None:
-            restore()
+        restore()
 
 
 if __name__ == "__main__":
