@@ -122,6 +122,19 @@ def field_kind(name):
     return f.type if isinstance(f.type, str) else f.type.__name__
 
 
+_RANGES = (                               # (fields, test, what they must be); Config.validate
+    ("n_layer n_embd n_head block_size delta_rank max_delta_modules lr_warmup_steps lr_decay_steps "
+     "batch_size seq_len micro_steps max_corpus_lines field_order max_gen_tokens idle_steps init_std lr "
+     "rope_base temperature grad_clip adam_eps entropy_temp_boost entropy_temp_focus", lambda v: v > 0, "> 0"),
+    ("top_k repetition_guard min_gen_tokens qb_min_bytes warmup_steps train_workers enable_bpe_after_chars "
+     "bpe_retrain_every_chars bpe_num_merges bpe_retrain_merges lr_min idle_lr forget_tolerance "
+     "qb_cooldown_seconds", lambda v: v >= 0, ">= 0"),
+    ("beta1 beta2 dropout field_discount", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("top_p min_p typical_p delta_grow_prob qb_min_novelty distill_beta", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("heldout_every", lambda v: v >= 2, "at least 2 (1 would hold out every line)"),
+)
+
+
 @dataclass
 class Config:
     # model
@@ -196,48 +209,20 @@ class Config:
             kind, value = field_kind(f.name), getattr(self, f.name)
             if not _is_kind(value, kind):
                 raise ConfigError("Config.%s must be %s, got %r" % (f.name, _KIND_NAMES[kind], value))
-        positive = ("n_layer", "n_embd", "n_head", "block_size", "delta_rank", "max_delta_modules",
-                    "lr_warmup_steps", "lr_decay_steps", "batch_size", "seq_len", "micro_steps",
-                    "max_corpus_lines", "heldout_every", "field_order", "max_gen_tokens", "idle_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError("Config.%s must be positive, got %r" % (name, getattr(self, name)))
-        for name in ("init_std", "lr", "rope_base", "temperature", "grad_clip", "adam_eps",
-                     "entropy_temp_boost", "entropy_temp_focus"):
-            if not getattr(self, name) > 0:
-                raise ConfigError("Config.%s must be > 0, got %r" % (name, getattr(self, name)))
+        for names, ok, rule in _RANGES:
+            for name in names.split():
+                if not ok(getattr(self, name)):
+                    raise ConfigError("Config.%s must be %s, got %r" % (name, rule, getattr(self, name)))
         if self.n_embd % self.n_head:
             raise ConfigError("Config.n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
-        if (self.n_embd // self.n_head) % 2:
-            raise ConfigError("Config.n_head: head_dim = n_embd / n_head = %d must be even for RoPE"
-                              % (self.n_embd // self.n_head))
+        if self.head_dim % 2:
+            raise ConfigError("Config.n_head: head_dim = n_embd / n_head = %d must be even for RoPE" % self.head_dim)
         if self.seq_len > self.block_size:
             raise ConfigError("Config.seq_len (%d) must not exceed block_size (%d)" % (self.seq_len, self.block_size))
-        if not 0 <= self.lr_min <= self.lr:
+        if self.lr_min > self.lr:
             raise ConfigError("Config.lr_min must be in [0, lr], got %r" % self.lr_min)
-        if self.idle_lr < 0:
-            raise ConfigError("Config.idle_lr must be >= 0, got %r" % self.idle_lr)
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError("Config.%s must be in [0, 1), got %r" % (name, getattr(self, name)))
-        for name in ("top_p", "min_p", "typical_p", "delta_grow_prob", "qb_min_novelty", "distill_beta"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError("Config.%s must be in [0, 1], got %r" % (name, getattr(self, name)))
-        for name in ("top_k", "repetition_guard", "min_gen_tokens", "qb_min_bytes", "warmup_steps", "train_workers",
-                     "enable_bpe_after_chars", "bpe_retrain_every_chars", "bpe_num_merges",
-                     "bpe_retrain_merges"):
-            if getattr(self, name) < 0:
-                raise ConfigError("Config.%s must be >= 0, got %r" % (name, getattr(self, name)))
-        if not self.entropy_low <= self.entropy_high:
+        if self.entropy_low > self.entropy_high:
             raise ConfigError("Config.entropy_low must not exceed entropy_high")
-        if self.heldout_every < 2:
-            raise ConfigError("Config.heldout_every must be at least 2 (1 would hold out every line)")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("Config.dropout must be in [0, 1), got %r" % self.dropout)
-        if not 0 <= self.field_discount < 1:
-            raise ConfigError("Config.field_discount must be in [0, 1), got %r" % self.field_discount)
-        if self.forget_tolerance < 0 or self.qb_cooldown_seconds < 0:
-            raise ConfigError("Config.forget_tolerance and qb_cooldown_seconds must be >= 0")
 
     @property
     def head_dim(self):
