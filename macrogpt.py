@@ -629,30 +629,12 @@ def attention(qkv, n_seq, T, n_head, table):
     return Tensor(out, (qkv,), backward_fn)
 
 
-def cross_entropy(logits, targets):
-    """Per-row -log softmax(logits)[target], fused with the log-softmax -> (N, 1)."""
-    probs, out = [], []
-    for row, y in zip(logits.data, targets):
-        m = max(row)
-        e = [math.exp(v - m) for v in row]
-        z = sum(e)
-        out.append([m + math.log(z) - row[y]])
-        probs.append([v / z for v in e])
-
-    def backward_fn(g):
-        grad = []
-        for p, y, gr in zip(probs, targets, g):
-            d = gr[0]
-            row = [d * v for v in p]
-            row[y] -= d
-            grad.append(row)
-        return (grad,)
-    return Tensor(out, (logits,), backward_fn)
-
-
-def distill_cross_entropy(logits, targets, teacher, beta):
-    """Per-row (1 - beta) * -log p[target] + beta * sum_j w_j * -log p[id_j] -> (N, 1), where
-    teacher[r] = (ids, weights) is a teacher's distribution over a few ids for row r."""
+def cross_entropy(logits, targets, teacher=None, beta=0.0):
+    """Per-row (1 - beta) * -log p[target] + beta * sum_j w_j * -log p[id_j] -> (N, 1), fused with
+    the log-softmax; teacher[r] = (ids, weights) is a teacher's distribution over a few ids for
+    row r (None: plain cross-entropy)."""
+    if teacher is None:
+        teacher, beta = [((), ())] * len(targets), 0.0
     probs, out = [], []
     for row, y, (ids, ws) in zip(logits.data, targets, teacher):
         m = max(row)
@@ -1115,10 +1097,7 @@ class GPT:
         """Mean next-token cross-entropy (nats) of targets (same shape as inputs); with a teacher
         (one (ids, weights) per target, in the same order) beta of it follows the teacher."""
         flat = [t for seq in targets for t in seq]
-        logits = self.forward(inputs, rng)
-        if teacher is None or not beta:
-            return mean(cross_entropy(logits, flat))
-        return mean(distill_cross_entropy(logits, flat, teacher, beta))
+        return mean(cross_entropy(self.forward(inputs, rng), flat, teacher if beta else None, beta))
 
     # -- generation: one token at a time, KV cache, no graph ----------------------------------
     def _inference_weights(self):
