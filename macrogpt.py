@@ -1694,6 +1694,12 @@ def validate_setting(cfg, name, text):
 # Every count is updated per added or removed n-gram, so incremental changes equal a
 # rebuild exactly: a continuation count moves only when a raw k-gram appears or vanishes.
 
+def _ngrams(ids, n):
+    """[5, 6], 2 -> [(BOS, 5), (5, 6), (6, EOS)]: a line's n-grams, framed by BOS padding and EOS."""
+    seq = [BOS] * (n - 1) + list(ids) + [EOS]
+    return list(zip(*[seq[j:] for j in range(n)]))
+
+
 class NGramField:
     def __init__(self, order, vocab_size, discount=0.75):
         self.order = order
@@ -1718,15 +1724,10 @@ class NGramField:
             if not row:
                 del self.tables[k][ctx], self.totals[k][ctx]
 
-    def _grams(self, ids):
-        N = self.order
-        seq = [BOS] * (N - 1) + list(ids) + [EOS]
-        return [tuple(seq[i - N + 1:i + 1]) for i in range(N - 1, len(seq))]
-
     def add(self, ids, by=1):
-        """Count one line of token ids, framed by BOS padding and a closing EOS (by=-1 removes it)."""
+        """Count the n-grams of one line of token ids (by=-1 removes them)."""
         N = self.order
-        for top in self._grams(ids):
+        for top in _ngrams(ids, N):
             for k in range(2, N + 1):
                 gram = top[N - k:]
                 seen = self.seen[k]
@@ -1751,10 +1752,8 @@ class NGramField:
         N = self.order
         grams = [None] + [Counter() for _ in range(N)]         # grams[k]: raw k-gram counts
         for ids in seqs:
-            seq = [BOS] * (N - 1) + list(ids) + [EOS]
             for k in range(1, N + 1):
-                tail = seq[N - k:]                             # k-grams ending at every position
-                grams[k].update(zip(*[tail[j:] for j in range(k)]))
+                grams[k].update(_ngrams(ids, k))
             self.n_tokens += len(ids) + 1
         self._fill(N, grams[N])
         for k in range(2, N + 1):
@@ -1771,25 +1770,25 @@ class NGramField:
             row[gram[-1]] = c
         self.totals[k] = {ctx: sum(row.values()) for ctx, row in table.items()}
 
-    def grow_vocab(self, vocab_size):
-        self.vocab_size = max(self.vocab_size, vocab_size)
-
     def _context(self, context):
         N = self.order
         ctx = [BOS] * (N - 1) + list(context[-(N - 1):] if N > 1 else [])
         return tuple(ctx[len(ctx) - (N - 1):]) if N > 1 else ()
 
-    def probs(self, context):
-        """P(. | last order-1 tokens of context) over the whole vocabulary; sums to 1."""
+    def _levels(self, context):
+        """(row, total) of each order, lowest first, whose context was seen: the recursion's steps."""
         full = self._context(context)
-        D, V = self.discount, self.vocab_size
-        p = [1.0 / V] * V
         for k in range(1, self.order + 1):
             ctx = full[len(full) - (k - 1):] if k > 1 else ()
             row = self.tables[k].get(ctx)
-            if not row:
-                continue
-            total = self.totals[k][ctx]
+            if row:
+                yield row, self.totals[k][ctx]
+
+    def probs(self, context):
+        """P(. | last order-1 tokens of context) over the whole vocabulary; sums to 1."""
+        D, V = self.discount, self.vocab_size
+        p = [1.0 / V] * V
+        for row, total in self._levels(context):
             gamma = D * len(row) / total
             p = [gamma * v for v in p]
             for w, c in row.items():
@@ -1798,23 +1797,16 @@ class NGramField:
 
     def prob(self, context, token):
         """P(token | context), the same recursion for one token."""
-        full = self._context(context)
         D = self.discount
         p = 1.0 / self.vocab_size
-        for k in range(1, self.order + 1):
-            ctx = full[len(full) - (k - 1):] if k > 1 else ()
-            row = self.tables[k].get(ctx)
-            if not row:
-                continue
-            total = self.totals[k][ctx]
+        for row, total in self._levels(context):
             p = D * len(row) / total * p + max(row.get(token, 0) - D, 0.0) / total
         return p
 
-    def novelty(self, ids, n=3):
+    def novelty(self, ids):
         """Share of the line's n-grams (n = min(3, order)) the field has never counted."""
-        n = min(n, self.order)
-        seq = [BOS] * (n - 1) + list(ids) + [EOS]
-        grams = [tuple(seq[i - n + 1:i + 1]) for i in range(n - 1, len(seq))]
+        n = min(3, self.order)
+        grams = _ngrams(ids, n)
         if n == 1:
             unigrams = self.tables[1].get((), {})
             return sum(1 for g in grams if g[0] not in unigrams) / len(grams)

@@ -71,7 +71,7 @@ class FieldTest(unittest.TestCase):
         inc = M.NGramField(3, 259, 0.75)
         for ids in self.seqs[:15]:
             inc.add([i % 259 for i in ids])
-        inc.grow_vocab(self.V)
+        inc.vocab_size = self.V                                   # the vocabulary grows mid-stream
         for ids in self.seqs[15:]:
             inc.add(ids)
         fresh = M.NGramField(3, self.V, 0.75)
