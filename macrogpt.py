@@ -671,13 +671,12 @@ def mean(x):
     return Tensor([[value]], (x,), backward_fn)
 
 
+@dataclass(eq=False)
 class Delta:
     """One low-rank adapter: adds alpha * A (B x); A starts at zero so appending is a no-op."""
-
-    def __init__(self, A, B, alpha):
-        self.A = A                        # (out, rank) parameter
-        self.B = B                        # (rank, in) parameter
-        self.alpha = alpha
+    A: Tensor                             # (out, rank) parameter
+    B: Tensor                             # (rank, in) parameter
+    alpha: float
 
 
 class Linear:
@@ -1260,19 +1259,13 @@ class Adam:
         """Clip the global gradient norm, update trainable rows, clear grads -> the norm."""
         cfg = self.cfg
         live = [(n, p) for n, p in named_params if p.requires_grad and p.grad is not None]
-        total = 0.0
-        for _, p in live:
-            for row in p.grad:
-                total += sumsq(row)
-        norm = math.sqrt(total)
+        norm = math.sqrt(sum(sumsq(row) for _, p in live for row in p.grad))
         clip = min(1.0, cfg.grad_clip / (norm + 1e-12))
         b1, b2, eps = cfg.beta1, cfg.beta2, cfg.adam_eps
         c1, c2 = (1.0 - b1) * clip, (1.0 - b2) * clip * clip      # the clip folded in
         sqrt = math.sqrt
         for name, p in live:
-            st = self.state.get(name)
-            if st is None:
-                st = self.state[name] = AdamState([], [], [])
+            st = self.state.setdefault(name, AdamState([], [], []))
             st.extend(len(p.data), len(p.data[0]))
             m, v, counts = st.m, st.v, st.t
             for i in range(len(p.data)):
@@ -1347,39 +1340,34 @@ def unpack_rows(d, byteorder):
     return [flat[i * n_cols:(i + 1) * n_cols].tolist() for i in range(n_rows)]
 
 
-def atomic_write(path, data):
-    """Write bytes so that a crash at any instant leaves either the old or the new file."""
-    try:
-        _write_then_replace(path, data)
-    except OSError as e:                           # no folder, disk full, another process's rename
-        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
-
-
 def temp_name(path, pid=None):
     """Per process, so two writers never share a half-written file; see remove_stale_temps."""
     return "%s.%d.tmp" % (path, os.getpid() if pid is None else pid)
 
 
-def _write_then_replace(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
+def atomic_write(path, data):
+    """Write bytes so that a crash at any instant leaves either the old or the new file."""
     tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if hasattr(os, "O_DIRECTORY"):                 # make the rename itself durable
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as e:                           # no folder, disk full, another process's rename
+        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
 
 
 def checkpoint_bytes(model, opt, step, extra=None):
@@ -1540,8 +1528,8 @@ def normalize(probs):
     return [p / total for p in probs]
 
 
-def softmax(logits, temperature=1.0):
-    return softmax_row(logits, 1.0 / temperature)
+def softmax(logits):
+    return softmax_row(logits, 1.0)
 
 
 def entropy(probs):
@@ -1674,9 +1662,7 @@ def validate_setting(cfg, name, text):
         value = kind(text)
     except ValueError:
         raise MacroError("%s needs %s, got %r" % (name, "an integer" if kind is int else "a number", text))
-    if kind is float and not math.isfinite(value):
-        raise MacroError("%s must be a finite number" % name)
-    try:
+    try:                                                       # Config rejects nan and inf
         return dataclasses.replace(cfg, **{name: value})
     except ConfigError as e:
         raise MacroError(str(e))
@@ -1918,8 +1904,6 @@ class Recall:
 
 LETTERS_RE = re.compile(r"[^\W\d_]+")
 TRAILING_LETTERS_RE = re.compile(r"[^\W\d_]+$")
-
-
 LEXICON_MAX_WORD = 40                      # longer letter runs (a pasted DNA string) are not words
 
 
@@ -1930,6 +1914,30 @@ def fold_case(text):
     word lowercased whole would differ from the same word lowercased token by token.
     """
     return text.lower().replace("ς", "σ")
+
+
+def split_incomplete_utf8(data):
+    """bytes -> (bytes up to the last whole character, the start of an unfinished one)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:
+            break
+        if b >= 0xC0:                              # a lead byte: how long should its sequence be?
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if back < need:
+                return data[:-back], data[-back:]
+            break
+    return data, b""
+
+
+def _decode_folded(data):
+    """bytes -> (case-folded text of the whole characters, or None if they are not UTF-8,
+    the bytes of an unfinished last character)."""
+    complete, rest = split_incomplete_utf8(data)
+    try:
+        return fold_case(complete.decode("utf-8")), rest
+    except UnicodeDecodeError:
+        return None, rest
 
 
 class Lexicon:
@@ -1965,8 +1973,7 @@ class Lexicon:
 
         letters: (id, leading letter run, whether that is all of it, trailing run) of tokens
         that start with a letter; breaks: (id, trailing run) of the other whole-UTF-8 tokens
-        (EOS among them); partials: (id, bytes, text of the whole characters or None if not
-        UTF-8, bytes of an unfinished last character) of tokens that split a character.
+        (EOS among them); partials: (id,) + _decode_folded(bytes) of tokens that split a character.
         """
         if self._tokens is None or self._tokens[0] != tok.vocab_size:
             letters, breaks, partials = [], [], []
@@ -1977,12 +1984,7 @@ class Lexicon:
                 try:
                     text = fold_case(data.decode("utf-8"))
                 except UnicodeDecodeError:
-                    complete, rest = split_incomplete_utf8(data)
-                    try:
-                        added = fold_case(complete.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        added = None
-                    partials.append((i, data, added, rest))
+                    partials.append((i,) + _decode_folded(data))
                     continue
                 lead = LETTERS_RE.match(text)
                 trail = TRAILING_LETTERS_RE.search(text)
@@ -2031,11 +2033,7 @@ class Lexicon:
                 if i in (BOS, PAD):
                     continue
                 raw = b"" if i == EOS else tok.token_bytes(i)
-                complete, rest = split_incomplete_utf8(pending + raw)
-                try:
-                    added = fold_case(complete.decode("utf-8"))
-                except UnicodeDecodeError:
-                    added = None
+                added, rest = _decode_folded(pending + raw)
                 if not raw or not self._allows(tail, may_end, added, rest, starts):
                     out[i] = 0.0                   # (EOS may not cut a character in half)
         else:
@@ -2043,25 +2041,11 @@ class Lexicon:
             banned = [i for i, lead, whole, trail in letters
                       if (tail + lead) not in (prefixes if whole else words) or (trail and trail not in prefixes)]
             banned += [i for i, trail in breaks if not may_end or (trail and trail not in prefixes)]
-            banned += [i for i, raw, added, rest in partials
+            banned += [i for i, added, rest in partials
                        if not self._allows(tail, may_end, added, rest, starts)]
             for i in banned:
                 out[i] = 0.0
         return out if sum(out) > 0.0 else probs
-
-
-def split_incomplete_utf8(data):
-    """bytes -> (bytes up to the last whole character, the start of an unfinished one)."""
-    for back in range(1, min(4, len(data)) + 1):
-        b = data[-back]
-        if b < 0x80:
-            break
-        if b >= 0xC0:                              # a lead byte: how long should its sequence be?
-            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
-            if back < need:
-                return data[:-back], data[-back:]
-            break
-    return data, b""
 
 
 # ======================================================================================
