@@ -237,7 +237,6 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-
 # ======================================================================================
 # Kernels: matrix arithmetic on plain lists of rows, the only place where speed is won.
 # ======================================================================================
@@ -450,9 +449,7 @@ class Tensor:
         self.grad = None                  # same shape as data once backward has reached it
         self.parents = parents
         self.backward_fn = backward_fn
-        if requires_grad is None:
-            requires_grad = any(p.requires_grad for p in parents)
-        self.requires_grad = requires_grad
+        self.requires_grad = any(p.requires_grad for p in parents) if requires_grad is None else requires_grad
 
     def backward(self):
         """Accumulate d(self)/d(node) into every node's .grad; self must be a 1x1 scalar."""
@@ -738,7 +735,6 @@ def linear(x, mods):
                     grads.append(scale_rows(matmul_nt(transpose(gA), XT), d.alpha))
         return grads
     return Tensor(out, tuple(parents), backward_fn)
-
 
 
 # ======================================================================================
@@ -1169,9 +1165,6 @@ class HeadCache:
         self.col_norms = [0.0] * head_dim
         self.dropped = 0
 
-    def __len__(self):
-        return len(self.keys)
-
     def push(self, k, v, window):
         h, n = prepare_row(k)
         self.keys.append(h)
@@ -1200,7 +1193,6 @@ class KVCache:
     def __init__(self, cfg):
         self.pos = 0
         self.layers = [[HeadCache(cfg.head_dim) for _ in range(cfg.n_head)] for _ in range(cfg.n_layer)]
-
 
 
 # ======================================================================================
@@ -1235,13 +1227,6 @@ class AdamState:
     v: list                               # (rows, cols) second moments
     t: list                               # (rows,) updates each row has had
 
-    def extend(self, rows, cols):
-        """Rows appended to the parameter (vocabulary growth) start with no history."""
-        while len(self.m) < rows:
-            self.m.append([0.0] * cols)
-            self.v.append([0.0] * cols)
-            self.t.append(0)
-
 
 class Adam:
     """Adam over named parameters; moments and update counts are kept per row.
@@ -1266,8 +1251,11 @@ class Adam:
         sqrt = math.sqrt
         for name, p in live:
             st = self.state.setdefault(name, AdamState([], [], []))
-            st.extend(len(p.data), len(p.data[0]))
             m, v, counts = st.m, st.v, st.t
+            while len(m) < len(p.data):                   # rows appended (vocabulary growth): no history
+                m.append([0.0] * len(p.data[0]))
+                v.append([0.0] * len(p.data[0]))
+                counts.append(0)
             for i in range(len(p.data)):
                 counts[i] += 1
                 t = counts[i]
@@ -1280,7 +1268,6 @@ class Adam:
         for _, p in named_params:
             p.grad = None
         return norm
-
 
 
 class _NoCycleCollection:
@@ -1308,7 +1295,6 @@ def backward_step(model, inputs, targets, weight=1.0, rng=None, teacher=None, be
         loss = model.loss(inputs, targets, rng, teacher, beta)
         (scale(loss, weight) if weight != 1.0 else loss).backward()
     return loss.data[0][0]
-
 
 
 # ======================================================================================
@@ -1509,7 +1495,6 @@ def grow_model(model, opt, cfg, seed=0):
     return grown, new_opt
 
 
-
 # ======================================================================================
 # Sampler: small pure filters over a probability list, chained, then one seeded draw.
 # ======================================================================================
@@ -1641,9 +1626,7 @@ class Sampler:
 
     def sample(self, probs, history=()):
         probs = self.filtered(probs, history)
-        r = self.rng.random()
-        acc = 0.0
-        last = 0
+        r, acc, last = self.rng.random(), 0.0, 0
         for i, p in enumerate(probs):
             if p > 0:
                 acc += p
@@ -1666,7 +1649,6 @@ def validate_setting(cfg, name, text):
         return dataclasses.replace(cfg, **{name: value})
     except ConfigError as e:
         raise MacroError(str(e))
-
 
 
 # ======================================================================================
@@ -1756,16 +1738,11 @@ class NGramField:
             row[gram[-1]] = c
         self.totals[k] = {ctx: sum(row.values()) for ctx, row in table.items()}
 
-    def _context(self, context):
-        N = self.order
-        ctx = [BOS] * (N - 1) + list(context[-(N - 1):] if N > 1 else [])
-        return tuple(ctx[len(ctx) - (N - 1):]) if N > 1 else ()
-
     def _levels(self, context):
         """(row, total) of each order, lowest first, whose context was seen: the recursion's steps."""
-        full = self._context(context)
+        full = tuple([BOS] * self.order + list(context[-self.order:]))      # a line starts after BOS
         for k in range(1, self.order + 1):
-            ctx = full[len(full) - (k - 1):] if k > 1 else ()
+            ctx = full[len(full) - (k - 1):]                                   # its last k - 1 tokens
             row = self.tables[k].get(ctx)
             if row:
                 yield row, self.totals[k][ctx]
@@ -2003,13 +1980,6 @@ class Lexicon:
                 return False
         return True
 
-    def _starts(self, tail, may_end):
-        """Byte strings that begin a character allowed next: a letter continuing tail, or a symbol."""
-        chars = set(self.next_letters.get(tail, ()))
-        if may_end:
-            chars |= self.symbols
-        return {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}
-
     def _allows(self, tail, may_end, added, rest, starts):
         """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail."""
         if added is None or (added and rest) or not self._fits(tail + added):
@@ -2025,7 +1995,8 @@ class Lexicon:
         m = TRAILING_LETTERS_RE.search(fold_case(done.decode("utf-8", "replace")))
         tail = m.group() if m else ""
         may_end = not tail or tail in self.words
-        starts = self._starts(tail, may_end)
+        chars = self.next_letters.get(tail, set()) | (self.symbols if may_end else set())   # allowed next
+        starts = {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}  # their prefixes
         letters, breaks, partials = self._classify(tok)
         out = list(probs)
         if pending:                                # mid-character: decode what each token completes
