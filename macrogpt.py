@@ -201,10 +201,7 @@ class Config:
     max_gen_tokens: int = 80
     exact_generation: bool = False       # True: float dot products (slower); False: fixed point
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self):
+    def __post_init__(self):                  # validates, here and in dataclasses.replace
         for f in fields(self):
             kind, value = field_kind(f.name), getattr(self, f.name)
             if not _is_kind(value, kind):
@@ -453,9 +450,8 @@ class Tensor:
 
     def backward(self):
         """Accumulate d(self)/d(node) into every node's .grad; self must be a 1x1 scalar."""
-        order = _topological_order(self)
         self.grad = [[1.0]]
-        for node in reversed(order):
+        for node in reversed(_topological_order(self)):
             if node.backward_fn is None or node.grad is None:
                 continue
             grads = node.backward_fn(node.grad)
@@ -559,21 +555,16 @@ def embed(wte, ids):
     out = [list(table[i]) for i in ids]
 
     def backward_fn(g):
-        grad = {}
+        dense = zeros(len(table), len(table[0]))
         for i, gr in zip(ids, g):
-            prev = grad.get(i)
-            grad[i] = gr if prev is None else list(map(operator.add, prev, gr))
-        C = len(table[0])
-        dense = [grad.get(i) or [0.0] * C for i in range(len(table))]
+            dense[i] = list(map(operator.add, dense[i], gr))
         return (dense,)
     return Tensor(out, (wte,), backward_fn)
 
 
 def attention(qkv, n_seq, T, n_head, table):
-    """Causal multi-head attention with RoPE, fused: (n_seq*T, 3C) rows [q|k|v] -> (n_seq*T, C).
-
-    Row b*T + t is token t of sequence b at absolute position t.
-    """
+    """Causal multi-head attention with RoPE, fused: (n_seq*T, 3C) rows [q|k|v] -> (n_seq*T, C);
+    row b*T + t is token t of sequence b at absolute position t."""
     C = len(qkv.data[0]) // 3
     hd = C // n_head
     sc = 1.0 / math.sqrt(hd)
@@ -599,11 +590,9 @@ def attention(qkv, n_seq, T, n_head, table):
 
     def backward_fn(g):
         dqkv = zeros(n_seq * T, 3 * C)
-        i = 0
         for b in range(n_seq):
             for h in range(n_head):
-                Q, K, V, P = saved[i]
-                i += 1
+                Q, K, V, P = saved[b * n_head + h]
                 o = h * hd
                 dO = [g[b * T + t][o:o + hd] for t in range(T)]
                 dV = matmul_nt(transpose(P), transpose(dO))
@@ -658,13 +647,12 @@ def cross_entropy(logits, targets, teacher=None, beta=0.0):
 
 def mean(x):
     """Mean of every entry -> (1, 1)."""
-    n = len(x.data) * len(x.data[0])
     cols = len(x.data[0])
+    n = len(x.data) * cols
     value = sum(sum(r) for r in x.data) / n
 
     def backward_fn(g):
-        d = g[0][0] / n
-        return ([[d] * cols for _ in x.data],)
+        return ([[g[0][0] / n] * cols for _ in x.data],)
     return Tensor([[value]], (x,), backward_fn)
 
 
@@ -676,12 +664,11 @@ class Delta:
     alpha: float
 
 
+@dataclass(eq=False)
 class Linear:
     """A weight matrix W (out, in) plus appended deltas: y = W x + sum_k alpha_k A_k (B_k x)."""
-
-    def __init__(self, weight):
-        self.weight = weight
-        self.deltas = []
+    weight: Tensor
+    deltas: list = dataclasses.field(default_factory=list)
 
     def effective(self):
         """W + sum alpha A B as plain rows: merged once per step, then one matmul does the rest."""
@@ -699,21 +686,18 @@ def linear(x, mods):
     input gradient always; each trainable base gets dW = g^T x; deltas get dA, dB from dW
     when it exists, else from the cheap low-rank route dA = a g^T (x B^T), dB = a (g A)^T x.
     """
-    W = []
+    W, parents = [], [x]
     for m in mods:
         W.extend(m.effective())
-    X = x.data
-    out = matmul_nt(X, W)
-    parents = [x]
-    for m in mods:
         parents.append(m.weight)
         for d in m.deltas:
             parents.extend((d.A, d.B))
+    X = x.data
+    out = matmul_nt(X, W)
 
     def backward_fn(g):
         grads = [matmul_nt(g, transpose(W)) if x.requires_grad else None]
-        gT = transpose(g)
-        XT = transpose(X)
+        gT, XT = transpose(g), transpose(X)
         o = 0
         for m in mods:
             M = len(m.weight.data)
@@ -754,7 +738,6 @@ def linear(x, mods):
 
 BOS, EOS, PAD = 256, 257, 258
 N_BASE_VOCAB = 259
-SPECIAL_NAMES = {BOS: "<BOS>", EOS: "<EOS>", PAD: "<PAD>"}
 TOKENIZER_VERSION = 1
 
 PIECE_RE = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+")
@@ -807,7 +790,7 @@ class Tokenizer:
 
     def _append_merge(self, pair):
         a, b = pair
-        if not (0 <= a < len(self.vocab) and 0 <= b < len(self.vocab)) or a in SPECIAL_NAMES or b in SPECIAL_NAMES:
+        if not (0 <= a < len(self.vocab) and 0 <= b < len(self.vocab)) or {a, b} & {BOS, EOS, PAD}:
             raise ValueError("merge %r refers to an unknown or special token" % (pair,))
         new_id = len(self.vocab)
         self.merges.append(pair)
@@ -833,10 +816,7 @@ class Tokenizer:
 
     def encode(self, text):
         """str -> ids (no BOS/EOS added)."""
-        out = []
-        for piece in split_pieces(text):
-            out.extend(self._encode_piece(text_to_bytes(piece)))
-        return out
+        return [i for piece in split_pieces(text) for i in self._encode_piece(text_to_bytes(piece))]
 
     def token_bytes(self, i):
         return self.vocab[i]
@@ -858,11 +838,7 @@ class Tokenizer:
         recounted. A merge is learned only while some pair occurs at least twice. Ties go
         to the smallest pair, so training is deterministic.
         """
-        freq = {}
-        for line in lines:
-            for piece in split_pieces(line):
-                key = text_to_bytes(piece)
-                freq[key] = freq.get(key, 0) + 1
+        freq = Counter(text_to_bytes(piece) for line in lines for piece in split_pieces(line))
         words = [list(self._encode_piece(p)) for p in freq]
         weights = list(freq.values())
         counts, where = {}, {}
@@ -964,9 +940,6 @@ class Block:
         self.fc_v = Linear(param(_randn(rng, H, C, std)))
         self.fc2 = Linear(param(_randn(rng, C, H, out_std)))
 
-    def linears(self):
-        return [(name, getattr(self, name)) for name in LINEAR_NAMES]
-
     def __call__(self, x, n_seq, T, cfg, table, rng=None):
         drop = (lambda t: dropout(t, cfg.dropout, rng)) if rng is not None and cfg.dropout > 0 else (lambda t: t)
         qkv = linear(rmsnorm(x, self.ln1), [self.wq, self.wk, self.wv])
@@ -996,19 +969,15 @@ class GPT:
     # -- parameters ------------------------------------------------------------------
     def linears(self):
         """(name, Linear) for every adapted linear, in a fixed order."""
-        out = []
-        for i, blk in enumerate(self.blocks):
-            out.extend(("h%d.%s" % (i, n), lin) for n, lin in blk.linears())
-        out.append(("lm_head", self.lm_head))
-        return out
+        out = [("h%d.%s" % (i, n), getattr(blk, n)) for i, blk in enumerate(self.blocks) for n in LINEAR_NAMES]
+        return out + [("lm_head", self.lm_head)]
 
     def base_params(self):
         """(name, Tensor) of the base weights; a tied lm_head is listed once, as wte."""
         out = [("wte", self.wte)]
         for i, blk in enumerate(self.blocks):
-            out.append(("h%d.ln1" % i, blk.ln1))
-            out.append(("h%d.ln2" % i, blk.ln2))
-            out.extend(("h%d.%s" % (i, n), lin.weight) for n, lin in blk.linears())
+            out += [("h%d.ln1" % i, blk.ln1), ("h%d.ln2" % i, blk.ln2)]
+            out.extend(("h%d.%s" % (i, n), getattr(blk, n).weight) for n in LINEAR_NAMES)
         out.append(("lnf", self.lnf))
         if not self.cfg.tie_embeddings:
             out.append(("lm_head", self.lm_head.weight))
@@ -1018,8 +987,7 @@ class GPT:
         out = []
         for name, lin in self.linears():
             for k, d in enumerate(lin.deltas):
-                out.append(("%s.d%d.A" % (name, k), d.A))
-                out.append(("%s.d%d.B" % (name, k), d.B))
+                out += [("%s.d%d.A" % (name, k), d.A), ("%s.d%d.B" % (name, k), d.B)]
         return out
 
     def named_params(self):
@@ -1076,14 +1044,11 @@ class GPT:
 
     # -- training forward ----------------------------------------------------------------
     def forward(self, inputs, rng=None):
-        """inputs: n_seq lists of T ids (equal lengths, T <= block_size) -> logits (n_seq*T, V).
-
-        With rng (training), Config.dropout applies to what each attention and MLP adds.
-        """
+        """inputs: n_seq lists of T ids (equal lengths, T <= block_size) -> logits (n_seq*T, V);
+        with rng (training), Config.dropout applies to what each attention and MLP adds."""
         n_seq, T = len(inputs), len(inputs[0])
         assert T <= self.cfg.block_size
-        ids = [i for seq in inputs for i in seq]
-        x = embed(self.wte, ids)                          # (n_seq*T, C) rows
+        x = embed(self.wte, [i for seq in inputs for i in seq])   # (n_seq*T, C) rows
         for blk in self.blocks:
             x = blk(x, n_seq, T, self.cfg, self.rope, rng)
         return linear(rmsnorm(x, self.lnf), [self.lm_head])
@@ -1205,8 +1170,7 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.lr_warmup_steps
     if step >= cfg.lr_decay_steps:
         return cfg.lr_min
-    span = max(1, cfg.lr_decay_steps - cfg.lr_warmup_steps)
-    progress = (step - cfg.lr_warmup_steps) / span
+    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.lr_decay_steps - cfg.lr_warmup_steps)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -1282,7 +1246,6 @@ class _NoCycleCollection:
     def __exit__(self, *exc):
         if self.was_enabled:
             gc.enable()
-        return False
 
 
 def backward_step(model, inputs, targets, weight=1.0, rng=None, teacher=None, beta=0.0):
@@ -1335,9 +1298,8 @@ def atomic_write(path, data):
     """Write bytes so that a crash at any instant leaves either the old or the new file."""
     tmp = temp_name(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -1406,8 +1368,7 @@ def restore_checkpoint(body, cfg=None, seed=0):
         opt = Adam(saved_cfg)
         order = body["byteorder"]
         for name, t in model.named_params():
-            entry = body["params"][name]
-            data = unpack_rows(entry, order)
+            data = unpack_rows(body["params"][name], order)
             if [len(data), len(data[0])] != [len(t.data), len(t.data[0])]:
                 raise CheckpointError("checkpoint is damaged: %s has the wrong shape" % name)
             t.data = data
@@ -1452,11 +1413,8 @@ def check_growth(old, new, n_deltas):
 
 def _embed_rows(old, fresh, scale):
     """Old values in the top-left of fresh's shape; the rest is fresh * scale."""
-    out = []
-    for i, frow in enumerate(fresh):
-        orow = old[i] if i < len(old) else []
-        out.append(list(orow) + [v * scale for v in frow[len(orow):]])
-    return out
+    padded = list(old) + [[]] * (len(fresh) - len(old))       # the rows only fresh has
+    return [list(o) + [v * scale for v in f[len(o):]] for o, f in zip(padded, fresh)]
 
 
 def grow_model(model, opt, cfg, seed=0):
@@ -1475,12 +1433,7 @@ def grow_model(model, opt, cfg, seed=0):
             if name.endswith((".wo", ".fc2")):
                 t.data = scale_rows(t.data, GROW_SCALE)
             continue
-        if name.endswith(".A"):
-            scale = 0.0                                # new delta columns stay exact no-ops
-        elif name.endswith(".B"):
-            scale = 1.0
-        else:
-            scale = GROW_SCALE
+        scale = {".A": 0.0, ".B": 1.0}.get(name[-2:], GROW_SCALE)   # new delta columns stay exact no-ops
         data = _embed_rows(old.data, t.data, scale)
         if name.endswith(("ln1", "ln2", "lnf")) and norm_fix != 1.0:
             n = len(old.data[0])
@@ -1542,10 +1495,8 @@ def adaptive_temperature(probs, temperature, s):
 
 
 def _keep(probs, kept):
-    out = [0.0] * len(probs)
-    for i in kept:
-        out[i] = probs[i]
-    return normalize(out)
+    kept = set(kept)
+    return normalize([p if i in kept else 0.0 for i, p in enumerate(probs)])
 
 
 def filter_min_p(probs, min_p):
@@ -1645,10 +1596,7 @@ def validate_setting(cfg, name, text):
         value = kind(text)
     except ValueError:
         raise MacroError("%s needs %s, got %r" % (name, "an integer" if kind is int else "a number", text))
-    try:                                                       # Config rejects nan and inf
-        return dataclasses.replace(cfg, **{name: value})
-    except ConfigError as e:
-        raise MacroError(str(e))
+    return dataclasses.replace(cfg, **{name: value})          # a ConfigError if out of range, nan or inf
 
 
 # ======================================================================================
@@ -1670,9 +1618,7 @@ def _ngrams(ids, n):
 
 class NGramField:
     def __init__(self, order, vocab_size, discount=0.75):
-        self.order = order
-        self.vocab_size = vocab_size
-        self.discount = discount
+        self.order, self.vocab_size, self.discount = order, vocab_size, discount
         self.clear()
 
     def clear(self):
@@ -1732,10 +1678,7 @@ class NGramField:
         """Order k's table from {k-gram: count} (a fresh table only)."""
         table = self.tables[k]
         for gram, c in counts.items():
-            row = table.get(gram[:-1])
-            if row is None:
-                row = table[gram[:-1]] = {}
-            row[gram[-1]] = c
+            table.setdefault(gram[:-1], {})[gram[-1]] = c
         self.totals[k] = {ctx: sum(row.values()) for ctx, row in table.items()}
 
     def _levels(self, context):
@@ -1769,15 +1712,12 @@ class NGramField:
     def novelty(self, ids):
         """Share of the line's n-grams (n = min(3, order)) the field has never counted."""
         n = min(3, self.order)
+        known = self.seen[n] if n > 1 else {(w,) for w in self.tables[1].get((), {})}   # order 1 has no seen
         grams = _ngrams(ids, n)
-        if n == 1:
-            unigrams = self.tables[1].get((), {})
-            return sum(1 for g in grams if g[0] not in unigrams) / len(grams)
-        return sum(1 for g in grams if g not in self.seen[n]) / len(grams)
+        return sum(1 for g in grams if g not in known) / len(grams)
 
 
 def mix(p_model, p_field, lam):
-    """lam * p_model + (1 - lam) * p_field."""
     mu = 1.0 - lam
     return [lam * a + mu * b for a, b in zip(p_model, p_field)]
 
@@ -1869,12 +1809,11 @@ class Recall:
 
     def answers_for(self, text, k=4):
         scores = {}
-        for w in content_words(text):
-            hits = self.index.get(w, ())
-            if hits:
-                idf = math.log(1.0 + len(self.answers) / len(hits))
-                for i in hits:
-                    scores[i] = scores.get(i, 0.0) + idf
+        for w in content_words(text) & self.index.keys():         # the index keeps no empty sets
+            hits = self.index[w]
+            idf = math.log(1.0 + len(self.answers) / len(hits))
+            for i in hits:
+                scores[i] = scores.get(i, 0.0) + idf
         best = sorted(scores, key=lambda i: (-scores[i], -i))[:k]
         return [self.answers[i] for i in best]
 
@@ -1950,18 +1889,16 @@ class Lexicon:
 
         letters: (id, leading letter run, whether that is all of it, trailing run) of tokens
         that start with a letter; breaks: (id, trailing run) of the other whole-UTF-8 tokens
-        (EOS among them); partials: (id,) + _decode_folded(bytes) of tokens that split a character.
+        (EOS among them); partials: (id,) + _decode_folded(bytes) of the other tokens.
         """
         if self._tokens is None or self._tokens[0] != tok.vocab_size:
             letters, breaks, partials = [], [], []
             for i in range(tok.vocab_size):
                 if i in (BOS, PAD):
                     continue
-                data = tok.token_bytes(i) if i != EOS else b""
-                try:
-                    text = fold_case(data.decode("utf-8"))
-                except UnicodeDecodeError:
-                    partials.append((i,) + _decode_folded(data))
+                text, rest = _decode_folded(tok.token_bytes(i) if i != EOS else b"")
+                if text is None or rest:
+                    partials.append((i, text, rest))
                     continue
                 lead = LETTERS_RE.match(text)
                 trail = TRAILING_LETTERS_RE.search(text)
@@ -1973,17 +1910,15 @@ class Lexicon:
             self._tokens = (tok.vocab_size, letters, breaks, partials)
         return self._tokens[1:]
 
-    def _fits(self, text):
-        """Whether every letter run of text is a known word, the last one possibly a prefix."""
+    def _allows(self, tail, added, rest, starts):
+        """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail:
+        every letter run a known word, the last one possibly a prefix."""
+        if added is None or (added and rest):
+            return False
+        text = tail + added
         for m in LETTERS_RE.finditer(text):
             if m.group() not in (self.prefixes if m.end() == len(text) else self.words):
                 return False
-        return True
-
-    def _allows(self, tail, may_end, added, rest, starts):
-        """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail."""
-        if added is None or (added and rest) or not self._fits(tail + added):
-            return False
         return not rest or rest in starts
 
     def guard(self, probs, tok, data):
@@ -2005,7 +1940,7 @@ class Lexicon:
                     continue
                 raw = b"" if i == EOS else tok.token_bytes(i)
                 added, rest = _decode_folded(pending + raw)
-                if not raw or not self._allows(tail, may_end, added, rest, starts):
+                if not raw or not self._allows(tail, added, rest, starts):
                     out[i] = 0.0                   # (EOS may not cut a character in half)
         else:
             words, prefixes = self.words, self.prefixes
@@ -2013,7 +1948,7 @@ class Lexicon:
                       if (tail + lead) not in (prefixes if whole else words) or (trail and trail not in prefixes)]
             banned += [i for i, trail in breaks if not may_end or (trail and trail not in prefixes)]
             banned += [i for i, added, rest in partials
-                       if not self._allows(tail, may_end, added, rest, starts)]
+                       if not self._allows(tail, added, rest, starts)]
             for i in banned:
                 out[i] = 0.0
         return out if sum(out) > 0.0 else probs
