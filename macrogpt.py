@@ -122,7 +122,7 @@ def field_kind(name):
     return f.type if isinstance(f.type, str) else f.type.__name__
 
 
-_RANGES = (                               # (fields, test, what they must be); Config.validate
+_RANGES = (                               # (fields, test, what they must be), for Config.__post_init__
     ("n_layer n_embd n_head block_size delta_rank max_delta_modules lr_warmup_steps lr_decay_steps "
      "batch_size seq_len micro_steps max_corpus_lines field_order max_gen_tokens idle_steps init_std lr "
      "rope_base temperature grad_clip adam_eps entropy_temp_boost entropy_temp_focus", lambda v: v > 0, "> 0"),
@@ -1685,7 +1685,7 @@ class NGramField:
         """(row, total) of each order, lowest first, whose context was seen: the recursion's steps."""
         full = tuple([BOS] * self.order + list(context[-self.order:]))      # a line starts after BOS
         for k in range(1, self.order + 1):
-            ctx = full[len(full) - (k - 1):]                                   # its last k - 1 tokens
+            ctx = full[len(full) - (k - 1):]
             row = self.tables[k].get(ctx)
             if row:
                 yield row, self.totals[k][ctx]
