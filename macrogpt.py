@@ -122,6 +122,19 @@ def field_kind(name):
     return f.type if isinstance(f.type, str) else f.type.__name__
 
 
+_RANGES = (                               # (fields, test, what they must be), for Config.__post_init__
+    ("n_layer n_embd n_head block_size delta_rank max_delta_modules lr_warmup_steps lr_decay_steps "
+     "batch_size seq_len micro_steps max_corpus_lines field_order max_gen_tokens idle_steps init_std lr "
+     "rope_base temperature grad_clip adam_eps entropy_temp_boost entropy_temp_focus", lambda v: v > 0, "> 0"),
+    ("top_k repetition_guard min_gen_tokens qb_min_bytes warmup_steps train_workers enable_bpe_after_chars "
+     "bpe_retrain_every_chars bpe_num_merges bpe_retrain_merges lr_min idle_lr forget_tolerance "
+     "qb_cooldown_seconds", lambda v: v >= 0, ">= 0"),
+    ("beta1 beta2 dropout field_discount", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("top_p min_p typical_p delta_grow_prob qb_min_novelty distill_beta", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("heldout_every", lambda v: v >= 2, "at least 2 (1 would hold out every line)"),
+)
+
+
 @dataclass
 class Config:
     # model
@@ -188,56 +201,25 @@ class Config:
     max_gen_tokens: int = 80
     exact_generation: bool = False       # True: float dot products (slower); False: fixed point
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self):
+    def __post_init__(self):                  # validates, here and in dataclasses.replace
         for f in fields(self):
             kind, value = field_kind(f.name), getattr(self, f.name)
             if not _is_kind(value, kind):
                 raise ConfigError("Config.%s must be %s, got %r" % (f.name, _KIND_NAMES[kind], value))
-        positive = ("n_layer", "n_embd", "n_head", "block_size", "delta_rank", "max_delta_modules",
-                    "lr_warmup_steps", "lr_decay_steps", "batch_size", "seq_len", "micro_steps",
-                    "max_corpus_lines", "heldout_every", "field_order", "max_gen_tokens", "idle_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError("Config.%s must be positive, got %r" % (name, getattr(self, name)))
-        for name in ("init_std", "lr", "rope_base", "temperature", "grad_clip", "adam_eps",
-                     "entropy_temp_boost", "entropy_temp_focus"):
-            if not getattr(self, name) > 0:
-                raise ConfigError("Config.%s must be > 0, got %r" % (name, getattr(self, name)))
+        for names, ok, rule in _RANGES:
+            for name in names.split():
+                if not ok(getattr(self, name)):
+                    raise ConfigError("Config.%s must be %s, got %r" % (name, rule, getattr(self, name)))
         if self.n_embd % self.n_head:
             raise ConfigError("Config.n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
-        if (self.n_embd // self.n_head) % 2:
-            raise ConfigError("Config.n_head: head_dim = n_embd / n_head = %d must be even for RoPE"
-                              % (self.n_embd // self.n_head))
+        if self.head_dim % 2:
+            raise ConfigError("Config.n_head: head_dim = n_embd / n_head = %d must be even for RoPE" % self.head_dim)
         if self.seq_len > self.block_size:
             raise ConfigError("Config.seq_len (%d) must not exceed block_size (%d)" % (self.seq_len, self.block_size))
-        if not 0 <= self.lr_min <= self.lr:
+        if self.lr_min > self.lr:
             raise ConfigError("Config.lr_min must be in [0, lr], got %r" % self.lr_min)
-        if self.idle_lr < 0:
-            raise ConfigError("Config.idle_lr must be >= 0, got %r" % self.idle_lr)
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError("Config.%s must be in [0, 1), got %r" % (name, getattr(self, name)))
-        for name in ("top_p", "min_p", "typical_p", "delta_grow_prob", "qb_min_novelty", "distill_beta"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError("Config.%s must be in [0, 1], got %r" % (name, getattr(self, name)))
-        for name in ("top_k", "repetition_guard", "min_gen_tokens", "qb_min_bytes", "warmup_steps", "train_workers",
-                     "enable_bpe_after_chars", "bpe_retrain_every_chars", "bpe_num_merges",
-                     "bpe_retrain_merges"):
-            if getattr(self, name) < 0:
-                raise ConfigError("Config.%s must be >= 0, got %r" % (name, getattr(self, name)))
-        if not self.entropy_low <= self.entropy_high:
+        if self.entropy_low > self.entropy_high:
             raise ConfigError("Config.entropy_low must not exceed entropy_high")
-        if self.heldout_every < 2:
-            raise ConfigError("Config.heldout_every must be at least 2 (1 would hold out every line)")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("Config.dropout must be in [0, 1), got %r" % self.dropout)
-        if not 0 <= self.field_discount < 1:
-            raise ConfigError("Config.field_discount must be in [0, 1), got %r" % self.field_discount)
-        if self.forget_tolerance < 0 or self.qb_cooldown_seconds < 0:
-            raise ConfigError("Config.forget_tolerance and qb_cooldown_seconds must be >= 0")
 
     @property
     def head_dim(self):
@@ -250,7 +232,6 @@ class Config:
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
 
 
 # ======================================================================================
@@ -465,15 +446,12 @@ class Tensor:
         self.grad = None                  # same shape as data once backward has reached it
         self.parents = parents
         self.backward_fn = backward_fn
-        if requires_grad is None:
-            requires_grad = any(p.requires_grad for p in parents)
-        self.requires_grad = requires_grad
+        self.requires_grad = any(p.requires_grad for p in parents) if requires_grad is None else requires_grad
 
     def backward(self):
         """Accumulate d(self)/d(node) into every node's .grad; self must be a 1x1 scalar."""
-        order = _topological_order(self)
         self.grad = [[1.0]]
-        for node in reversed(order):
+        for node in reversed(_topological_order(self)):
             if node.backward_fn is None or node.grad is None:
                 continue
             grads = node.backward_fn(node.grad)
@@ -577,21 +555,16 @@ def embed(wte, ids):
     out = [list(table[i]) for i in ids]
 
     def backward_fn(g):
-        grad = {}
+        dense = zeros(len(table), len(table[0]))
         for i, gr in zip(ids, g):
-            prev = grad.get(i)
-            grad[i] = gr if prev is None else list(map(operator.add, prev, gr))
-        C = len(table[0])
-        dense = [grad.get(i) or [0.0] * C for i in range(len(table))]
+            dense[i] = list(map(operator.add, dense[i], gr))
         return (dense,)
     return Tensor(out, (wte,), backward_fn)
 
 
 def attention(qkv, n_seq, T, n_head, table):
-    """Causal multi-head attention with RoPE, fused: (n_seq*T, 3C) rows [q|k|v] -> (n_seq*T, C).
-
-    Row b*T + t is token t of sequence b at absolute position t.
-    """
+    """Causal multi-head attention with RoPE, fused: (n_seq*T, 3C) rows [q|k|v] -> (n_seq*T, C);
+    row b*T + t is token t of sequence b at absolute position t."""
     C = len(qkv.data[0]) // 3
     hd = C // n_head
     sc = 1.0 / math.sqrt(hd)
@@ -617,11 +590,9 @@ def attention(qkv, n_seq, T, n_head, table):
 
     def backward_fn(g):
         dqkv = zeros(n_seq * T, 3 * C)
-        i = 0
         for b in range(n_seq):
             for h in range(n_head):
-                Q, K, V, P = saved[i]
-                i += 1
+                Q, K, V, P = saved[b * n_head + h]
                 o = h * hd
                 dO = [g[b * T + t][o:o + hd] for t in range(T)]
                 dV = matmul_nt(transpose(P), transpose(dO))
@@ -644,30 +615,12 @@ def attention(qkv, n_seq, T, n_head, table):
     return Tensor(out, (qkv,), backward_fn)
 
 
-def cross_entropy(logits, targets):
-    """Per-row -log softmax(logits)[target], fused with the log-softmax -> (N, 1)."""
-    probs, out = [], []
-    for row, y in zip(logits.data, targets):
-        m = max(row)
-        e = [math.exp(v - m) for v in row]
-        z = sum(e)
-        out.append([m + math.log(z) - row[y]])
-        probs.append([v / z for v in e])
-
-    def backward_fn(g):
-        grad = []
-        for p, y, gr in zip(probs, targets, g):
-            d = gr[0]
-            row = [d * v for v in p]
-            row[y] -= d
-            grad.append(row)
-        return (grad,)
-    return Tensor(out, (logits,), backward_fn)
-
-
-def distill_cross_entropy(logits, targets, teacher, beta):
-    """Per-row (1 - beta) * -log p[target] + beta * sum_j w_j * -log p[id_j] -> (N, 1), where
-    teacher[r] = (ids, weights) is a teacher's distribution over a few ids for row r."""
+def cross_entropy(logits, targets, teacher=None, beta=0.0):
+    """Per-row (1 - beta) * -log p[target] + beta * sum_j w_j * -log p[id_j] -> (N, 1), fused with
+    the log-softmax; teacher[r] = (ids, weights) is a teacher's distribution over a few ids for
+    row r (None: plain cross-entropy)."""
+    if teacher is None:
+        teacher, beta = [((), ())] * len(targets), 0.0
     probs, out = [], []
     for row, y, (ids, ws) in zip(logits.data, targets, teacher):
         m = max(row)
@@ -694,31 +647,28 @@ def distill_cross_entropy(logits, targets, teacher, beta):
 
 def mean(x):
     """Mean of every entry -> (1, 1)."""
-    n = len(x.data) * len(x.data[0])
     cols = len(x.data[0])
+    n = len(x.data) * cols
     value = sum(sum(r) for r in x.data) / n
 
     def backward_fn(g):
-        d = g[0][0] / n
-        return ([[d] * cols for _ in x.data],)
+        return ([[g[0][0] / n] * cols for _ in x.data],)
     return Tensor([[value]], (x,), backward_fn)
 
 
+@dataclass(eq=False)
 class Delta:
     """One low-rank adapter: adds alpha * A (B x); A starts at zero so appending is a no-op."""
-
-    def __init__(self, A, B, alpha):
-        self.A = A                        # (out, rank) parameter
-        self.B = B                        # (rank, in) parameter
-        self.alpha = alpha
+    A: Tensor                             # (out, rank) parameter
+    B: Tensor                             # (rank, in) parameter
+    alpha: float
 
 
+@dataclass(eq=False)
 class Linear:
     """A weight matrix W (out, in) plus appended deltas: y = W x + sum_k alpha_k A_k (B_k x)."""
-
-    def __init__(self, weight):
-        self.weight = weight
-        self.deltas = []
+    weight: Tensor
+    deltas: list = dataclasses.field(default_factory=list)
 
     def effective(self):
         """W + sum alpha A B as plain rows: merged once per step, then one matmul does the rest."""
@@ -736,21 +686,18 @@ def linear(x, mods):
     input gradient always; each trainable base gets dW = g^T x; deltas get dA, dB from dW
     when it exists, else from the cheap low-rank route dA = a g^T (x B^T), dB = a (g A)^T x.
     """
-    W = []
+    W, parents = [], [x]
     for m in mods:
         W.extend(m.effective())
-    X = x.data
-    out = matmul_nt(X, W)
-    parents = [x]
-    for m in mods:
         parents.append(m.weight)
         for d in m.deltas:
             parents.extend((d.A, d.B))
+    X = x.data
+    out = matmul_nt(X, W)
 
     def backward_fn(g):
         grads = [matmul_nt(g, transpose(W)) if x.requires_grad else None]
-        gT = transpose(g)
-        XT = transpose(X)
+        gT, XT = transpose(g), transpose(X)
         o = 0
         for m in mods:
             M = len(m.weight.data)
@@ -774,7 +721,6 @@ def linear(x, mods):
     return Tensor(out, tuple(parents), backward_fn)
 
 
-
 # ======================================================================================
 # Tokenizer: byte-level BPE whose vocabulary only grows, so no trained weight is invalidated.
 # ======================================================================================
@@ -792,7 +738,6 @@ def linear(x, mods):
 
 BOS, EOS, PAD = 256, 257, 258
 N_BASE_VOCAB = 259
-SPECIAL_NAMES = {BOS: "<BOS>", EOS: "<EOS>", PAD: "<PAD>"}
 TOKENIZER_VERSION = 1
 
 PIECE_RE = re.compile(r" ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+")
@@ -845,7 +790,7 @@ class Tokenizer:
 
     def _append_merge(self, pair):
         a, b = pair
-        if not (0 <= a < len(self.vocab) and 0 <= b < len(self.vocab)) or a in SPECIAL_NAMES or b in SPECIAL_NAMES:
+        if not (0 <= a < len(self.vocab) and 0 <= b < len(self.vocab)) or {a, b} & {BOS, EOS, PAD}:
             raise ValueError("merge %r refers to an unknown or special token" % (pair,))
         new_id = len(self.vocab)
         self.merges.append(pair)
@@ -871,10 +816,7 @@ class Tokenizer:
 
     def encode(self, text):
         """str -> ids (no BOS/EOS added)."""
-        out = []
-        for piece in split_pieces(text):
-            out.extend(self._encode_piece(text_to_bytes(piece)))
-        return out
+        return [i for piece in split_pieces(text) for i in self._encode_piece(text_to_bytes(piece))]
 
     def token_bytes(self, i):
         return self.vocab[i]
@@ -896,11 +838,7 @@ class Tokenizer:
         recounted. A merge is learned only while some pair occurs at least twice. Ties go
         to the smallest pair, so training is deterministic.
         """
-        freq = {}
-        for line in lines:
-            for piece in split_pieces(line):
-                key = text_to_bytes(piece)
-                freq[key] = freq.get(key, 0) + 1
+        freq = Counter(text_to_bytes(piece) for line in lines for piece in split_pieces(line))
         words = [list(self._encode_piece(p)) for p in freq]
         weights = list(freq.values())
         counts, where = {}, {}
@@ -1002,9 +940,6 @@ class Block:
         self.fc_v = Linear(param(_randn(rng, H, C, std)))
         self.fc2 = Linear(param(_randn(rng, C, H, out_std)))
 
-    def linears(self):
-        return [(name, getattr(self, name)) for name in LINEAR_NAMES]
-
     def __call__(self, x, n_seq, T, cfg, table, rng=None):
         drop = (lambda t: dropout(t, cfg.dropout, rng)) if rng is not None and cfg.dropout > 0 else (lambda t: t)
         qkv = linear(rmsnorm(x, self.ln1), [self.wq, self.wk, self.wv])
@@ -1034,19 +969,15 @@ class GPT:
     # -- parameters ------------------------------------------------------------------
     def linears(self):
         """(name, Linear) for every adapted linear, in a fixed order."""
-        out = []
-        for i, blk in enumerate(self.blocks):
-            out.extend(("h%d.%s" % (i, n), lin) for n, lin in blk.linears())
-        out.append(("lm_head", self.lm_head))
-        return out
+        out = [("h%d.%s" % (i, n), getattr(blk, n)) for i, blk in enumerate(self.blocks) for n in LINEAR_NAMES]
+        return out + [("lm_head", self.lm_head)]
 
     def base_params(self):
         """(name, Tensor) of the base weights; a tied lm_head is listed once, as wte."""
         out = [("wte", self.wte)]
         for i, blk in enumerate(self.blocks):
-            out.append(("h%d.ln1" % i, blk.ln1))
-            out.append(("h%d.ln2" % i, blk.ln2))
-            out.extend(("h%d.%s" % (i, n), lin.weight) for n, lin in blk.linears())
+            out += [("h%d.ln1" % i, blk.ln1), ("h%d.ln2" % i, blk.ln2)]
+            out.extend(("h%d.%s" % (i, n), getattr(blk, n).weight) for n in LINEAR_NAMES)
         out.append(("lnf", self.lnf))
         if not self.cfg.tie_embeddings:
             out.append(("lm_head", self.lm_head.weight))
@@ -1056,8 +987,7 @@ class GPT:
         out = []
         for name, lin in self.linears():
             for k, d in enumerate(lin.deltas):
-                out.append(("%s.d%d.A" % (name, k), d.A))
-                out.append(("%s.d%d.B" % (name, k), d.B))
+                out += [("%s.d%d.A" % (name, k), d.A), ("%s.d%d.B" % (name, k), d.B)]
         return out
 
     def named_params(self):
@@ -1114,14 +1044,11 @@ class GPT:
 
     # -- training forward ----------------------------------------------------------------
     def forward(self, inputs, rng=None):
-        """inputs: n_seq lists of T ids (equal lengths, T <= block_size) -> logits (n_seq*T, V).
-
-        With rng (training), Config.dropout applies to what each attention and MLP adds.
-        """
+        """inputs: n_seq lists of T ids (equal lengths, T <= block_size) -> logits (n_seq*T, V);
+        with rng (training), Config.dropout applies to what each attention and MLP adds."""
         n_seq, T = len(inputs), len(inputs[0])
         assert T <= self.cfg.block_size
-        ids = [i for seq in inputs for i in seq]
-        x = embed(self.wte, ids)                          # (n_seq*T, C) rows
+        x = embed(self.wte, [i for seq in inputs for i in seq])   # (n_seq*T, C) rows
         for blk in self.blocks:
             x = blk(x, n_seq, T, self.cfg, self.rope, rng)
         return linear(rmsnorm(x, self.lnf), [self.lm_head])
@@ -1130,10 +1057,7 @@ class GPT:
         """Mean next-token cross-entropy (nats) of targets (same shape as inputs); with a teacher
         (one (ids, weights) per target, in the same order) beta of it follows the teacher."""
         flat = [t for seq in targets for t in seq]
-        logits = self.forward(inputs, rng)
-        if teacher is None or not beta:
-            return mean(cross_entropy(logits, flat))
-        return mean(distill_cross_entropy(logits, flat, teacher, beta))
+        return mean(cross_entropy(self.forward(inputs, rng), flat, teacher if beta else None, beta))
 
     # -- generation: one token at a time, KV cache, no graph ----------------------------------
     def _inference_weights(self):
@@ -1206,9 +1130,6 @@ class HeadCache:
         self.col_norms = [0.0] * head_dim
         self.dropped = 0
 
-    def __len__(self):
-        return len(self.keys)
-
     def push(self, k, v, window):
         h, n = prepare_row(k)
         self.keys.append(h)
@@ -1239,7 +1160,6 @@ class KVCache:
         self.layers = [[HeadCache(cfg.head_dim) for _ in range(cfg.n_head)] for _ in range(cfg.n_layer)]
 
 
-
 # ======================================================================================
 # Optimizer: Adam with bias correction, global-norm clipping, warmup then cosine decay.
 # ======================================================================================
@@ -1250,8 +1170,7 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.lr_warmup_steps
     if step >= cfg.lr_decay_steps:
         return cfg.lr_min
-    span = max(1, cfg.lr_decay_steps - cfg.lr_warmup_steps)
-    progress = (step - cfg.lr_warmup_steps) / span
+    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.lr_decay_steps - cfg.lr_warmup_steps)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -1272,13 +1191,6 @@ class AdamState:
     v: list                               # (rows, cols) second moments
     t: list                               # (rows,) updates each row has had
 
-    def extend(self, rows, cols):
-        """Rows appended to the parameter (vocabulary growth) start with no history."""
-        while len(self.m) < rows:
-            self.m.append([0.0] * cols)
-            self.v.append([0.0] * cols)
-            self.t.append(0)
-
 
 class Adam:
     """Adam over named parameters; moments and update counts are kept per row.
@@ -1296,21 +1208,18 @@ class Adam:
         """Clip the global gradient norm, update trainable rows, clear grads -> the norm."""
         cfg = self.cfg
         live = [(n, p) for n, p in named_params if p.requires_grad and p.grad is not None]
-        total = 0.0
-        for _, p in live:
-            for row in p.grad:
-                total += sumsq(row)
-        norm = math.sqrt(total)
+        norm = math.sqrt(sum(sumsq(row) for _, p in live for row in p.grad))
         clip = min(1.0, cfg.grad_clip / (norm + 1e-12))
         b1, b2, eps = cfg.beta1, cfg.beta2, cfg.adam_eps
         c1, c2 = (1.0 - b1) * clip, (1.0 - b2) * clip * clip      # the clip folded in
         sqrt = math.sqrt
         for name, p in live:
-            st = self.state.get(name)
-            if st is None:
-                st = self.state[name] = AdamState([], [], [])
-            st.extend(len(p.data), len(p.data[0]))
+            st = self.state.setdefault(name, AdamState([], [], []))
             m, v, counts = st.m, st.v, st.t
+            while len(m) < len(p.data):                   # rows appended (vocabulary growth): no history
+                m.append([0.0] * len(p.data[0]))
+                v.append([0.0] * len(p.data[0]))
+                counts.append(0)
             for i in range(len(p.data)):
                 counts[i] += 1
                 t = counts[i]
@@ -1325,7 +1234,6 @@ class Adam:
         return norm
 
 
-
 class _NoCycleCollection:
     """Pause the cyclic garbage collector: the graph has no cycles (see Autograd), so its
     scans of a step's thousands of row lists find nothing and cost about 3% of the step
@@ -1338,7 +1246,6 @@ class _NoCycleCollection:
     def __exit__(self, *exc):
         if self.was_enabled:
             gc.enable()
-        return False
 
 
 def backward_step(model, inputs, targets, weight=1.0, rng=None, teacher=None, beta=0.0):
@@ -1351,7 +1258,6 @@ def backward_step(model, inputs, targets, weight=1.0, rng=None, teacher=None, be
         loss = model.loss(inputs, targets, rng, teacher, beta)
         (scale(loss, weight) if weight != 1.0 else loss).backward()
     return loss.data[0][0]
-
 
 
 # ======================================================================================
@@ -1383,39 +1289,33 @@ def unpack_rows(d, byteorder):
     return [flat[i * n_cols:(i + 1) * n_cols].tolist() for i in range(n_rows)]
 
 
-def atomic_write(path, data):
-    """Write bytes so that a crash at any instant leaves either the old or the new file."""
-    try:
-        _write_then_replace(path, data)
-    except OSError as e:                           # no folder, disk full, another process's rename
-        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
-
-
 def temp_name(path, pid=None):
     """Per process, so two writers never share a half-written file; see remove_stale_temps."""
     return "%s.%d.tmp" % (path, os.getpid() if pid is None else pid)
 
 
-def _write_then_replace(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
+def atomic_write(path, data):
+    """Write bytes so that a crash at any instant leaves either the old or the new file."""
     tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if hasattr(os, "O_DIRECTORY"):                 # make the rename itself durable
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as e:                           # no folder, disk full, another process's rename
+        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
 
 
 def checkpoint_bytes(model, opt, step, extra=None):
@@ -1468,8 +1368,7 @@ def restore_checkpoint(body, cfg=None, seed=0):
         opt = Adam(saved_cfg)
         order = body["byteorder"]
         for name, t in model.named_params():
-            entry = body["params"][name]
-            data = unpack_rows(entry, order)
+            data = unpack_rows(body["params"][name], order)
             if [len(data), len(data[0])] != [len(t.data), len(t.data[0])]:
                 raise CheckpointError("checkpoint is damaged: %s has the wrong shape" % name)
             t.data = data
@@ -1514,11 +1413,8 @@ def check_growth(old, new, n_deltas):
 
 def _embed_rows(old, fresh, scale):
     """Old values in the top-left of fresh's shape; the rest is fresh * scale."""
-    out = []
-    for i, frow in enumerate(fresh):
-        orow = old[i] if i < len(old) else []
-        out.append(list(orow) + [v * scale for v in frow[len(orow):]])
-    return out
+    padded = list(old) + [[]] * (len(fresh) - len(old))       # the rows only fresh has
+    return [list(o) + [v * scale for v in f[len(o):]] for o, f in zip(padded, fresh)]
 
 
 def grow_model(model, opt, cfg, seed=0):
@@ -1537,12 +1433,7 @@ def grow_model(model, opt, cfg, seed=0):
             if name.endswith((".wo", ".fc2")):
                 t.data = scale_rows(t.data, GROW_SCALE)
             continue
-        if name.endswith(".A"):
-            scale = 0.0                                # new delta columns stay exact no-ops
-        elif name.endswith(".B"):
-            scale = 1.0
-        else:
-            scale = GROW_SCALE
+        scale = {".A": 0.0, ".B": 1.0}.get(name[-2:], GROW_SCALE)   # new delta columns stay exact no-ops
         data = _embed_rows(old.data, t.data, scale)
         if name.endswith(("ln1", "ln2", "lnf")) and norm_fix != 1.0:
             n = len(old.data[0])
@@ -1555,7 +1446,6 @@ def grow_model(model, opt, cfg, seed=0):
             new_opt.state[name] = AdamState(_embed_rows(st.m, zero_m, 0.0), _embed_rows(st.v, zero_m, 0.0), counts)
     grown.rng.setstate(model.rng.getstate())             # later rows continue the old stream
     return grown, new_opt
-
 
 
 # ======================================================================================
@@ -1576,8 +1466,8 @@ def normalize(probs):
     return [p / total for p in probs]
 
 
-def softmax(logits, temperature=1.0):
-    return softmax_row(logits, 1.0 / temperature)
+def softmax(logits):
+    return softmax_row(logits, 1.0)
 
 
 def entropy(probs):
@@ -1605,10 +1495,8 @@ def adaptive_temperature(probs, temperature, s):
 
 
 def _keep(probs, kept):
-    out = [0.0] * len(probs)
-    for i in kept:
-        out[i] = probs[i]
-    return normalize(out)
+    kept = set(kept)
+    return normalize([p if i in kept else 0.0 for i, p in enumerate(probs)])
 
 
 def filter_min_p(probs, min_p):
@@ -1689,9 +1577,7 @@ class Sampler:
 
     def sample(self, probs, history=()):
         probs = self.filtered(probs, history)
-        r = self.rng.random()
-        acc = 0.0
-        last = 0
+        r, acc, last = self.rng.random(), 0.0, 0
         for i, p in enumerate(probs):
             if p > 0:
                 acc += p
@@ -1710,13 +1596,7 @@ def validate_setting(cfg, name, text):
         value = kind(text)
     except ValueError:
         raise MacroError("%s needs %s, got %r" % (name, "an integer" if kind is int else "a number", text))
-    if kind is float and not math.isfinite(value):
-        raise MacroError("%s must be a finite number" % name)
-    try:
-        return dataclasses.replace(cfg, **{name: value})
-    except ConfigError as e:
-        raise MacroError(str(e))
-
+    return dataclasses.replace(cfg, **{name: value})          # a ConfigError if out of range, nan or inf
 
 
 # ======================================================================================
@@ -1730,11 +1610,15 @@ def validate_setting(cfg, name, text):
 # Every count is updated per added or removed n-gram, so incremental changes equal a
 # rebuild exactly: a continuation count moves only when a raw k-gram appears or vanishes.
 
+def _ngrams(ids, n):
+    """[5, 6], 2 -> [(BOS, 5), (5, 6), (6, EOS)]: a line's n-grams, framed by BOS padding and EOS."""
+    seq = [BOS] * (n - 1) + list(ids) + [EOS]
+    return list(zip(*[seq[j:] for j in range(n)]))
+
+
 class NGramField:
     def __init__(self, order, vocab_size, discount=0.75):
-        self.order = order
-        self.vocab_size = vocab_size
-        self.discount = discount
+        self.order, self.vocab_size, self.discount = order, vocab_size, discount
         self.clear()
 
     def clear(self):
@@ -1754,15 +1638,10 @@ class NGramField:
             if not row:
                 del self.tables[k][ctx], self.totals[k][ctx]
 
-    def _grams(self, ids):
-        N = self.order
-        seq = [BOS] * (N - 1) + list(ids) + [EOS]
-        return [tuple(seq[i - N + 1:i + 1]) for i in range(N - 1, len(seq))]
-
     def add(self, ids, by=1):
-        """Count one line of token ids, framed by BOS padding and a closing EOS (by=-1 removes it)."""
+        """Count the n-grams of one line of token ids (by=-1 removes them)."""
         N = self.order
-        for top in self._grams(ids):
+        for top in _ngrams(ids, N):
             for k in range(2, N + 1):
                 gram = top[N - k:]
                 seen = self.seen[k]
@@ -1787,10 +1666,8 @@ class NGramField:
         N = self.order
         grams = [None] + [Counter() for _ in range(N)]         # grams[k]: raw k-gram counts
         for ids in seqs:
-            seq = [BOS] * (N - 1) + list(ids) + [EOS]
             for k in range(1, N + 1):
-                tail = seq[N - k:]                             # k-grams ending at every position
-                grams[k].update(zip(*[tail[j:] for j in range(k)]))
+                grams[k].update(_ngrams(ids, k))
             self.n_tokens += len(ids) + 1
         self._fill(N, grams[N])
         for k in range(2, N + 1):
@@ -1801,31 +1678,23 @@ class NGramField:
         """Order k's table from {k-gram: count} (a fresh table only)."""
         table = self.tables[k]
         for gram, c in counts.items():
-            row = table.get(gram[:-1])
-            if row is None:
-                row = table[gram[:-1]] = {}
-            row[gram[-1]] = c
+            table.setdefault(gram[:-1], {})[gram[-1]] = c
         self.totals[k] = {ctx: sum(row.values()) for ctx, row in table.items()}
 
-    def grow_vocab(self, vocab_size):
-        self.vocab_size = max(self.vocab_size, vocab_size)
-
-    def _context(self, context):
-        N = self.order
-        ctx = [BOS] * (N - 1) + list(context[-(N - 1):] if N > 1 else [])
-        return tuple(ctx[len(ctx) - (N - 1):]) if N > 1 else ()
+    def _levels(self, context):
+        """(row, total) of each order, lowest first, whose context was seen: the recursion's steps."""
+        full = tuple([BOS] * self.order + list(context[-self.order:]))      # a line starts after BOS
+        for k in range(1, self.order + 1):
+            ctx = full[len(full) - (k - 1):]
+            row = self.tables[k].get(ctx)
+            if row:
+                yield row, self.totals[k][ctx]
 
     def probs(self, context):
         """P(. | last order-1 tokens of context) over the whole vocabulary; sums to 1."""
-        full = self._context(context)
         D, V = self.discount, self.vocab_size
         p = [1.0 / V] * V
-        for k in range(1, self.order + 1):
-            ctx = full[len(full) - (k - 1):] if k > 1 else ()
-            row = self.tables[k].get(ctx)
-            if not row:
-                continue
-            total = self.totals[k][ctx]
+        for row, total in self._levels(context):
             gamma = D * len(row) / total
             p = [gamma * v for v in p]
             for w, c in row.items():
@@ -1834,31 +1703,21 @@ class NGramField:
 
     def prob(self, context, token):
         """P(token | context), the same recursion for one token."""
-        full = self._context(context)
         D = self.discount
         p = 1.0 / self.vocab_size
-        for k in range(1, self.order + 1):
-            ctx = full[len(full) - (k - 1):] if k > 1 else ()
-            row = self.tables[k].get(ctx)
-            if not row:
-                continue
-            total = self.totals[k][ctx]
+        for row, total in self._levels(context):
             p = D * len(row) / total * p + max(row.get(token, 0) - D, 0.0) / total
         return p
 
-    def novelty(self, ids, n=3):
+    def novelty(self, ids):
         """Share of the line's n-grams (n = min(3, order)) the field has never counted."""
-        n = min(n, self.order)
-        seq = [BOS] * (n - 1) + list(ids) + [EOS]
-        grams = [tuple(seq[i - n + 1:i + 1]) for i in range(n - 1, len(seq))]
-        if n == 1:
-            unigrams = self.tables[1].get((), {})
-            return sum(1 for g in grams if g[0] not in unigrams) / len(grams)
-        return sum(1 for g in grams if g not in self.seen[n]) / len(grams)
+        n = min(3, self.order)
+        known = self.seen[n] if n > 1 else {(w,) for w in self.tables[1].get((), {})}   # order 1 has no seen
+        grams = _ngrams(ids, n)
+        return sum(1 for g in grams if g not in known) / len(grams)
 
 
 def mix(p_model, p_field, lam):
-    """lam * p_model + (1 - lam) * p_field."""
     mu = 1.0 - lam
     return [lam * a + mu * b for a, b in zip(p_model, p_field)]
 
@@ -1950,20 +1809,17 @@ class Recall:
 
     def answers_for(self, text, k=4):
         scores = {}
-        for w in content_words(text):
-            hits = self.index.get(w, ())
-            if hits:
-                idf = math.log(1.0 + len(self.answers) / len(hits))
-                for i in hits:
-                    scores[i] = scores.get(i, 0.0) + idf
+        for w in content_words(text) & self.index.keys():         # the index keeps no empty sets
+            hits = self.index[w]
+            idf = math.log(1.0 + len(self.answers) / len(hits))
+            for i in hits:
+                scores[i] = scores.get(i, 0.0) + idf
         best = sorted(scores, key=lambda i: (-scores[i], -i))[:k]
         return [self.answers[i] for i in best]
 
 
 LETTERS_RE = re.compile(r"[^\W\d_]+")
 TRAILING_LETTERS_RE = re.compile(r"[^\W\d_]+$")
-
-
 LEXICON_MAX_WORD = 40                      # longer letter runs (a pasted DNA string) are not words
 
 
@@ -1974,6 +1830,30 @@ def fold_case(text):
     word lowercased whole would differ from the same word lowercased token by token.
     """
     return text.lower().replace("ς", "σ")
+
+
+def split_incomplete_utf8(data):
+    """bytes -> (bytes up to the last whole character, the start of an unfinished one)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:
+            break
+        if b >= 0xC0:                              # a lead byte: how long should its sequence be?
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if back < need:
+                return data[:-back], data[-back:]
+            break
+    return data, b""
+
+
+def _decode_folded(data):
+    """bytes -> (case-folded text of the whole characters, or None if they are not UTF-8,
+    the bytes of an unfinished last character)."""
+    complete, rest = split_incomplete_utf8(data)
+    try:
+        return fold_case(complete.decode("utf-8")), rest
+    except UnicodeDecodeError:
+        return None, rest
 
 
 class Lexicon:
@@ -2009,24 +1889,16 @@ class Lexicon:
 
         letters: (id, leading letter run, whether that is all of it, trailing run) of tokens
         that start with a letter; breaks: (id, trailing run) of the other whole-UTF-8 tokens
-        (EOS among them); partials: (id, bytes, text of the whole characters or None if not
-        UTF-8, bytes of an unfinished last character) of tokens that split a character.
+        (EOS among them); partials: (id,) + _decode_folded(bytes) of the other tokens.
         """
         if self._tokens is None or self._tokens[0] != tok.vocab_size:
             letters, breaks, partials = [], [], []
             for i in range(tok.vocab_size):
                 if i in (BOS, PAD):
                     continue
-                data = tok.token_bytes(i) if i != EOS else b""
-                try:
-                    text = fold_case(data.decode("utf-8"))
-                except UnicodeDecodeError:
-                    complete, rest = split_incomplete_utf8(data)
-                    try:
-                        added = fold_case(complete.decode("utf-8"))
-                    except UnicodeDecodeError:
-                        added = None
-                    partials.append((i, data, added, rest))
+                text, rest = _decode_folded(tok.token_bytes(i) if i != EOS else b"")
+                if text is None or rest:
+                    partials.append((i, text, rest))
                     continue
                 lead = LETTERS_RE.match(text)
                 trail = TRAILING_LETTERS_RE.search(text)
@@ -2038,28 +1910,24 @@ class Lexicon:
             self._tokens = (tok.vocab_size, letters, breaks, partials)
         return self._tokens[1:]
 
-    def _fits(self, text):
-        """Whether every letter run of text is a known word, the last one possibly a prefix."""
+    def _starts(self, tail):
+        """Byte strings that begin a character allowed after tail: a letter continuing it, or a
+        symbol where tail may end."""
+        chars = self.next_letters.get(tail, set()) | (self.symbols if not tail or tail in self.words else set())
+        return {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}
+
+    def _allows(self, tail, added, rest, starts):
+        """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail:
+        every letter run a known word, the last one possibly a prefix."""
+        if added is None:
+            return False
+        text = tail + added
         for m in LETTERS_RE.finditer(text):
             if m.group() not in (self.prefixes if m.end() == len(text) else self.words):
                 return False
-        return True
-
-    def _starts(self, tail, may_end):
-        """Byte strings that begin a character allowed next: a letter continuing tail, or a symbol."""
-        chars = set(self.next_letters.get(tail, ()))
-        if may_end:
-            chars |= self.symbols
-        return {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}
-
-    def _allows(self, tail, may_end, added, rest, starts):
-        """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail."""
-        if added is None or not self._fits(tail + added):
-            return False
         if rest and added:                         # whole characters, then the start of another:
-            m = TRAILING_LETTERS_RE.search(tail + added)          # " \xd0" starts a Cyrillic word
-            tail = m.group() if m else ""
-            starts = self._starts(tail, not tail or tail in self.words)
+            m = TRAILING_LETTERS_RE.search(text)   # " \xd0" begins a Cyrillic word
+            starts = self._starts(m.group() if m else "")
         return not rest or rest in starts
 
     def guard(self, probs, tok, data):
@@ -2071,7 +1939,7 @@ class Lexicon:
         m = TRAILING_LETTERS_RE.search(fold_case(done.decode("utf-8", "replace")))
         tail = m.group() if m else ""
         may_end = not tail or tail in self.words
-        starts = self._starts(tail, may_end)
+        starts = self._starts(tail)
         letters, breaks, partials = self._classify(tok)
         out = list(probs)
         if pending:                                # mid-character: decode what each token completes
@@ -2079,37 +1947,19 @@ class Lexicon:
                 if i in (BOS, PAD):
                     continue
                 raw = b"" if i == EOS else tok.token_bytes(i)
-                complete, rest = split_incomplete_utf8(pending + raw)
-                try:
-                    added = fold_case(complete.decode("utf-8"))
-                except UnicodeDecodeError:
-                    added = None
-                if not raw or not self._allows(tail, may_end, added, rest, starts):
+                added, rest = _decode_folded(pending + raw)
+                if not raw or not self._allows(tail, added, rest, starts):
                     out[i] = 0.0                   # (EOS may not cut a character in half)
         else:
             words, prefixes = self.words, self.prefixes
             banned = [i for i, lead, whole, trail in letters
                       if (tail + lead) not in (prefixes if whole else words) or (trail and trail not in prefixes)]
             banned += [i for i, trail in breaks if not may_end or (trail and trail not in prefixes)]
-            banned += [i for i, raw, added, rest in partials
-                       if not self._allows(tail, may_end, added, rest, starts)]
+            banned += [i for i, added, rest in partials
+                       if not self._allows(tail, added, rest, starts)]
             for i in banned:
                 out[i] = 0.0
         return out if sum(out) > 0.0 else probs
-
-
-def split_incomplete_utf8(data):
-    """bytes -> (bytes up to the last whole character, the start of an unfinished one)."""
-    for back in range(1, min(4, len(data)) + 1):
-        b = data[-back]
-        if b < 0x80:
-            break
-        if b >= 0xC0:                              # a lead byte: how long should its sequence be?
-            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
-            if back < need:
-                return data[:-back], data[-back:]
-            break
-    return data, b""
 
 
 # ======================================================================================

@@ -90,19 +90,21 @@ class OpGradientTest(unittest.TestCase):
     def test_distill_cross_entropy(self):
         logits = rand_tensor(self.rng, 3, 7, 2.0)
         teacher = [([1, 0, 6], [0.5, 0.3, 0.2]), ([2], [1.0]), ([6, 5], [0.25, 0.7])]   # the last sums to 0.95
-        self.check(lambda: M.mean(M.distill_cross_entropy(logits, [0, 6, 3], teacher, 0.3)), [logits])
+        self.check(lambda: M.mean(M.cross_entropy(logits, [0, 6, 3], teacher, 0.3)), [logits])
 
     def test_distill_cross_entropy_values(self):
         rows = [[0.5, -1.0, 2.0], [0.0, 0.0, 1.0]]
         logits = M.param(rows)
         teacher = [([2, 1], [0.6, 0.4]), ([0], [1.0])]
-        out = M.distill_cross_entropy(logits, [0, 2], teacher, 0.25).data
+        out = M.cross_entropy(logits, [0, 2], teacher, 0.25).data
         for (row, y, (ids, ws)), got in zip(zip(rows, [0, 2], teacher), out):
             logp = [v - math.log(sum(math.exp(u) for u in row)) for v in row]
             want = -0.75 * logp[y] - 0.25 * sum(w * logp[i] for i, w in zip(ids, ws))
             self.assertAlmostEqual(got[0], want, places=12)
-        plain = M.cross_entropy(logits, [0, 2]).data                     # beta 0 is plain cross-entropy
-        zero = M.distill_cross_entropy(logits, [0, 2], teacher, 0.0).data
+        plain = M.cross_entropy(logits, [0, 2]).data                     # no teacher: plain cross-entropy
+        for row, y, got in zip(rows, [0, 2], plain):
+            self.assertAlmostEqual(got[0], math.log(sum(math.exp(u) for u in row)) - row[y], places=12)
+        zero = M.cross_entropy(logits, [0, 2], teacher, 0.0).data        # and so is beta 0
         self.assertEqual(plain, zero)
 
     def test_linear_with_deltas_trainable_base(self):

@@ -71,7 +71,7 @@ class FieldTest(unittest.TestCase):
         inc = M.NGramField(3, 259, 0.75)
         for ids in self.seqs[:15]:
             inc.add([i % 259 for i in ids])
-        inc.grow_vocab(self.V)
+        inc.vocab_size = self.V                                   # the vocabulary grows mid-stream
         for ids in self.seqs[15:]:
             inc.add(ids)
         fresh = M.NGramField(3, self.V, 0.75)
@@ -99,3 +99,14 @@ class MixTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class LexiconSplitCharacterTest(unittest.TestCase):
+    def test_a_space_and_half_a_letter_may_begin_a_known_word(self):
+        tok = M.Tokenizer(merges=((32, 0xD0),))                 # id 259 is b" \xd0", as BPE learns it
+        self.assertEqual(tok.token_bytes(259), b" \xd0")
+        probs = M.normalize([1.0] * tok.vocab_size)
+        kept = M.Lexicon(["my cat is called Мурзик"]).guard(probs, tok, b"my cat is called")
+        self.assertGreater(kept[259], 0.0)                      # " М..." begins a word it knows
+        refused = M.Lexicon(["my cat is called Max"]).guard(probs, tok, b"my cat is called")
+        self.assertEqual(refused[259], 0.0)                     # no Cyrillic word known: still refused

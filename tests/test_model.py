@@ -71,7 +71,7 @@ class GenerationTest(unittest.TestCase):
             cache = model.new_cache()
             for tok in seq:
                 last = model.step(cache, tok)
-            self.assertEqual(len(cache.layers[0][0]), block)
+            self.assertEqual(len(cache.layers[0][0].keys), block)
             self.assertEqual(cache.pos, 2 * block + 7)
             window = model.forward([seq[-block:]]).data[-1]
             self.assertLess(max(abs(a - b) for a, b in zip(last, window)), self.TOLERANCE[exact])

@@ -94,8 +94,8 @@ class WorkersTest(unittest.TestCase):
         model = M.Brain.from_bytes(self.raw).model                    # and is the op, row by row in order
         k = M.TEACHER_TOP_K
         teacher = [(ids[r:r + k], ws[r:r + k]) for ids, ws in rows for r in range(0, len(ids), k)]
-        loss = M.mean(M.distill_cross_entropy(model.forward([s[:-1] for s in windows]),
-                                              [t for s in windows for t in s[1:]], teacher, 0.3))
+        loss = M.mean(M.cross_entropy(model.forward([s[:-1] for s in windows]),
+                                      [t for s in windows for t in s[1:]], teacher, 0.3))
         replica_loss, _, _ = M.Replica(self.raw).grad(windows, 1.0, True, rows, 0.3)
         self.assertAlmostEqual(replica_loss, loss.data[0][0], places=12)
 
