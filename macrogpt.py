@@ -1871,11 +1871,13 @@ class Lexicon:
         self.next_letters = {}                     # prefix -> letters that continue it
         self.symbols = set()                       # non-ASCII characters that are not letters
         self._tokens = None                        # (tokenizer size, per-token letter runs)
+        self._starts_of = {}                       # tail -> _starts(tail), until a word is added
         for line in lines:
             self.add(line)
 
     def add(self, text):
         text = fold_case(text)
+        self._starts_of = {}
         for w in LETTERS_RE.findall(text):
             if w not in self.words and len(w) <= LEXICON_MAX_WORD:   # prefixes cost len(w)^2
                 self.words.add(w)
@@ -1912,9 +1914,11 @@ class Lexicon:
 
     def _starts(self, tail):
         """Byte strings that begin a character allowed after tail: a letter continuing it, or a
-        symbol where tail may end."""
-        chars = self.next_letters.get(tail, set()) | (self.symbols if not tail or tail in self.words else set())
-        return {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}
+        symbol where tail may end (kept until the next word is added)."""
+        if tail not in self._starts_of:
+            chars = self.next_letters.get(tail, set()) | (self.symbols if not tail or tail in self.words else set())
+            self._starts_of[tail] = {c.encode("utf-8")[:k] for c in chars for k in range(1, len(c.encode("utf-8")))}
+        return self._starts_of[tail]
 
     def _allows(self, tail, added, rest, starts):
         """Whether text `added` (None: not UTF-8) then the unfinished bytes `rest` may follow tail:
