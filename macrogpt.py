@@ -5174,7 +5174,7 @@ def load_config(path):
     try:
         with open(path, encoding="utf-8") as f:
             overrides = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: nested deeper than json can parse
         raise ConfigError("cannot read config %s: %s" % (path, e))
     if not isinstance(overrides, dict):
         raise ConfigError("config %s must hold a JSON object of Config fields" % path)

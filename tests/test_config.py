@@ -56,6 +56,17 @@ class ConfigValidationTest(unittest.TestCase):
         with self.assertRaisesRegex(M.MacroError, "top_k needs an integer"):
             M.validate_setting(cfg, "top_k", "0.5")
 
+    def test_deeply_nested_config_file_is_one_error(self):
+        import os
+        import tempfile
+        import macrogpt as M
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "config.json")
+            with open(path, "w") as f:
+                f.write('{"top_k": ' + "[" * 100000 + "]" * 100000 + "}")
+            with self.assertRaisesRegex(ConfigError, "cannot read config .*maximum recursion depth"):
+                M.load_config(path)
+
     def test_dict_round_trip(self):
         c = Config(n_layer=3, top_k=7)
         self.assertEqual(Config.from_dict(c.to_dict()), c)
