@@ -4520,7 +4520,7 @@ def _checked_header(path, data):
         raise HFError("%s is not a safetensors file (header length %d)" % (path, n))
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):            # RecursionError: nested deeper than json can parse
         raise HFError("%s is damaged: its header is not JSON" % path)
     if not isinstance(header, dict):
         raise HFError("%s is damaged: its header is not a JSON object" % path)
@@ -4666,7 +4666,7 @@ def _read_json(path):
             obj = json.load(f)
     except OSError as e:
         raise HFError("cannot read %s: %s" % (path, e.strerror or e))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:       # RecursionError: nested deeper than json can parse
         raise HFError("%s is not valid JSON: %s" % (path, e))
     if not isinstance(obj, dict):
         raise HFError("%s does not hold a JSON object" % path)

@@ -181,6 +181,26 @@ class ExportTest(unittest.TestCase):
             with self.assertRaises(M.HFError):
                 M.read_safetensors(path)
 
+    def test_deeply_nested_json_is_refused_in_one_line(self):
+        folder = self.export(brain_with_deltas(tiny_trainer_config(), head_deltas=False))
+        deep = b"[" * 100000 + b"]" * 100000
+        weights = os.path.join(folder, "model.safetensors")
+        with open(weights, "rb") as f:
+            data = f.read()
+        with open(weights, "wb") as f:
+            f.write(struct.pack("<Q", len(deep)) + deep + data)
+        with self.assertRaisesRegex(M.HFError, "header is not JSON"):
+            M.read_safetensors(weights)
+        for name in ("config.json", "tokenizer.json"):
+            with open(os.path.join(folder, name), "rb") as f:
+                good = f.read()
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(deep)
+            with self.assertRaisesRegex(M.HFError, "%s is not valid JSON" % name):
+                M.brain_from_hf(folder, tiny_trainer_config())
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(good)
+
     def test_lora_export_keeps_deltas_apart_and_adds_up(self):
         cfg = tiny_trainer_config()
         brain = brain_with_deltas(cfg)
