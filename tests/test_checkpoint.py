@@ -71,6 +71,17 @@ class CheckpointTest(unittest.TestCase):
         with self.assertRaisesRegex(M.CheckpointError, "body is not valid JSON"):
             M.parse_checkpoint(raw + body)
 
+    def body_with(self, change):
+        M.save_checkpoint(self.path, self.model, self.opt, 1)
+        body = M.read_checkpoint(self.path)
+        change(body)
+        return body
+
+    def test_config_that_is_not_an_object_is_refused_in_one_line(self):
+        body = self.body_with(lambda b: b.update(config="a\nb"))
+        with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete"):
+            M.restore_checkpoint(body)
+
     def test_future_version_is_refused(self):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
