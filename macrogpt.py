@@ -1565,7 +1565,7 @@ def restore_checkpoint(body, cfg=None, seed=0):
             version, internal, gauss = body["rng"]
             model.rng.setstate((version, tuple(internal), gauss))
         step, extra = body["step"], body.get("extra", {})
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:   # AttributeError: a list for a dict
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
         raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
     if cfg is not None and cfg != saved_cfg:
         if all(getattr(cfg, f) == getattr(saved_cfg, f) for f in GROWABLE):

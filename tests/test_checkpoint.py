@@ -82,6 +82,12 @@ class CheckpointTest(unittest.TestCase):
         with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete"):
             M.restore_checkpoint(body)
 
+    def test_random_state_out_of_range_is_refused_in_one_line(self):
+        for word in (-1, 2 ** 64):                         # setstate takes 32-bit words only
+            body = self.body_with(lambda b: b["rng"][1].__setitem__(5, word))
+            with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete"):
+                M.restore_checkpoint(body)
+
     def test_future_version_is_refused(self):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
