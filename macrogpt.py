@@ -2763,7 +2763,13 @@ class Progress:
         if d.get("heldout"):
             d["heldout"] = Heldout.from_dict(d["heldout"])
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        progress = cls(**{k: v for k, v in d.items() if k in known})
+        for obj in (progress, progress.heldout) if progress.heldout else (progress,):
+            for f in fields(obj):                        # /status and the trainer format and compare these
+                value, kind = getattr(obj, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+                if kind in _KIND_NAMES and not (_is_kind(value, kind) or value is None and f.default is None):
+                    raise TypeError("%s is %.40r" % (f.name, value))
+        return progress
 
 
 class Brain:

@@ -88,6 +88,18 @@ class CheckpointTest(unittest.TestCase):
             with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete"):
                 M.restore_checkpoint(body)
 
+    def test_progress_of_the_wrong_kind_is_refused_in_one_line(self):
+        brain = M.Brain.fresh(tiny_config())
+        brain.progress.heldout = M.Heldout(4.0, 3.0, 2.5, 0.5, 100, 300.0)
+        good = M.parse_checkpoint(brain.to_bytes())
+        for key, value in (("loss", []), ("idle_phases", "3"), ("warmup_done", 1), ("lam", float("nan")),
+                           ("heldout", dict(good["extra"]["progress"]["heldout"], mix_bpb=""))):
+            body = M.parse_checkpoint(brain.to_bytes())
+            body["extra"]["progress"][key] = value
+            with self.assertRaisesRegex(M.CheckpointError, "checkpoint progress is damaged"):
+                M.Brain.from_body(body)
+        self.assertEqual(M.Brain.from_body(good).progress, brain.progress)
+
     def test_future_version_is_refused(self):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
