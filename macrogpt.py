@@ -2787,7 +2787,7 @@ class Brain:
     @classmethod
     def from_body(cls, body, cfg=None, seed=0):
         model, opt, step, extra = restore_checkpoint(body, cfg, seed)
-        if "tokenizer" not in extra:
+        if not isinstance(extra, dict) or not isinstance(extra.get("tokenizer"), dict):
             raise CheckpointError("checkpoint has no tokenizer state")
         tok = Tokenizer.from_dict(extra["tokenizer"])
         if tok.vocab_size != model.vocab_size:
@@ -2795,7 +2795,7 @@ class Brain:
                                   % (tok.vocab_size, model.vocab_size))
         try:
             progress = Progress.from_dict(extra.get("progress", {}))
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:   # ValueError: dict(["abc"])
             raise CheckpointError("checkpoint progress is damaged (%s)" % e)
         return cls(model, opt, step, tok, progress)
 

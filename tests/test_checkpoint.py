@@ -100,6 +100,15 @@ class CheckpointTest(unittest.TestCase):
                 M.Brain.from_body(body)
         self.assertEqual(M.Brain.from_body(good).progress, brain.progress)
 
+    def test_extra_parts_of_the_wrong_kind_are_refused_in_one_line(self):
+        good = M.parse_checkpoint(M.Brain.fresh(tiny_config()).to_bytes())
+        for change in (lambda b: b.update(extra=False), lambda b: b["extra"].update(tokenizer=[1]),
+                       lambda b: b["extra"].update(progress=["abc"]), lambda b: b["extra"].update(progress=7)):
+            body = M.json.loads(M.json.dumps(good))
+            change(body)
+            with self.assertRaisesRegex(M.CheckpointError, "no tokenizer state|progress is damaged"):
+                M.Brain.from_body(body)
+
     def test_future_version_is_refused(self):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
