@@ -2251,7 +2251,7 @@ class Memory:
             raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))
         if version > MEMORY_VERSION:
             raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
-        if version == 0 and tables:
+        if version < 0 or version == 0 and tables:        # no macrogpt ever wrote a negative version
             raise MemoryStoreError("%s is an SQLite file but not a macrogpt database; pass another --db" % path)
         if version:
             self._check_intact(path, tables)

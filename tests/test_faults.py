@@ -158,6 +158,10 @@ class MemoryFaultTest(unittest.TestCase):
         self.raw("UPDATE state SET value = '5' WHERE key = 'settings'")
         self.assertRefused("state 'settings' holds '5'")
 
+    def test_negative_schema_version_is_refused_at_open(self):
+        self.raw("PRAGMA user_version = -1")
+        self.assertRefused("not a macrogpt database")
+
     def test_damaged_page_is_refused_at_open(self):
         mem = M.Memory(self.path)
         mem.add_corpus_lines(["line %d %s" % (i, "x" * 200) for i in range(200)], "seed")
