@@ -2245,7 +2245,7 @@ class Memory:
         try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:   # a damaged byte in a table's name
             if _is_sqlite_file(path):
                 raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, _damaged_hint(path)))
             raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))

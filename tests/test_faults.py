@@ -162,6 +162,13 @@ class MemoryFaultTest(unittest.TestCase):
         self.raw("PRAGMA user_version = -1")
         self.assertRefused("not a macrogpt database")
 
+    def test_table_name_that_is_not_utf8_is_refused_at_open(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:
+            f.write(data.replace(b"events", b"ev\xccnts", 1))        # the name column of sqlite_master
+        self.assertRefused("is damaged")
+
     def test_damaged_page_is_refused_at_open(self):
         mem = M.Memory(self.path)
         mem.add_corpus_lines(["line %d %s" % (i, "x" * 200) for i in range(200)], "seed")
