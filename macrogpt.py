@@ -2293,7 +2293,7 @@ class Memory:
         for key, value in state:
             try:
                 ok = isinstance(json.loads(value), STATE_KINDS.get(key, object))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
                 ok = False
             if not ok:
                 raise MemoryStoreError("%s is damaged (state %r holds %.40r); delete that row of table state, or %s"

@@ -169,6 +169,10 @@ class MemoryFaultTest(unittest.TestCase):
             f.write(data.replace(b"events", b"ev\xccnts", 1))        # the name column of sqlite_master
         self.assertRefused("is damaged")
 
+    def test_deeply_nested_state_is_refused_at_open(self):
+        self.raw("UPDATE state SET value = '%s' WHERE key = 'settings'" % ("[" * 100000 + "]" * 100000))
+        self.assertRefused("state 'settings' holds")
+
     def test_damaged_page_is_refused_at_open(self):
         mem = M.Memory(self.path)
         mem.add_corpus_lines(["line %d %s" % (i, "x" * 200) for i in range(200)], "seed")
