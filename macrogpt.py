@@ -2284,12 +2284,16 @@ class Memory:
             problems = [r[0] for r in self.db.execute("PRAGMA quick_check")]
             missing = sorted(set(re.findall(r"CREATE TABLE (\w+)", SCHEMA)) - tables)
             state = self.db.execute("SELECT key, value FROM state").fetchall() if not missing else []
+            odd_ids = 0 if missing else self.db.execute(
+                "SELECT COUNT(*) FROM corpus WHERE typeof(id) != 'integer'").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, hint))
         if problems != ["ok"]:
             raise MemoryStoreError("%s is damaged (%s); %s" % (path, problems[0].splitlines()[-1], hint))
         if missing:
             raise MemoryStoreError("%s is damaged (table %s is missing); %s" % (path, missing[0], hint))
+        if odd_ids:                                    # an edited schema: id is no longer the row's number
+            raise MemoryStoreError("%s is damaged (%d corpus ids are not integers); %s" % (path, odd_ids, hint))
         for key, value in state:
             try:
                 ok = isinstance(json.loads(value), STATE_KINDS.get(key, object))

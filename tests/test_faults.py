@@ -173,6 +173,17 @@ class MemoryFaultTest(unittest.TestCase):
         self.raw("UPDATE state SET value = '%s' WHERE key = 'settings'" % ("[" * 100000 + "]" * 100000))
         self.assertRefused("state 'settings' holds")
 
+    def test_corpus_ids_that_are_not_numbers_are_refused_at_open(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:                   # a flipped bit: id is no longer the rowid, reads NULL
+            f.write(data.replace(b"corpus (id INTEGER PRIMARY KEY", b"corpus (id INTEGER PRHMARY KEY"))
+        M.Memory(self.path).close()                        # an empty corpus is fine
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("INSERT INTO corpus (line, source, time) VALUES (x'41', 'seed', 0)")
+        db.close()
+        self.assertRefused("1 corpus ids are not integers")
+
     def test_damaged_page_is_refused_at_open(self):
         mem = M.Memory(self.path)
         mem.add_corpus_lines(["line %d %s" % (i, "x" * 200) for i in range(200)], "seed")
