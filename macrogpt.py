@@ -2311,6 +2311,14 @@ class Memory:
             self.db.close()
             self.db = None
 
+    def _text(self, value):
+        """A stored text: a BLOB as written, or TEXT as an edit by hand leaves it; a number is damage."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, bytes):
+            raise MemoryStoreError("%s is damaged (a text holds %.40r); %s" % (self.path, value, _damaged_hint(self.path)))
+        return bytes_to_text(value)
+
     # -- conversation ------------------------------------------------------------------------
     @_guarded
     def add_message(self, role, text):
@@ -2321,7 +2329,7 @@ class Memory:
     @_guarded
     def recent_messages(self, n):
         rows = self.db.execute("SELECT role, text FROM messages ORDER BY id DESC LIMIT ?", (n,)).fetchall()
-        return [(role, bytes_to_text(bytes(text))) for role, text in reversed(rows)]
+        return [(role, self._text(text)) for role, text in reversed(rows)]
 
     @_guarded
     def message_count(self):
@@ -2358,7 +2366,7 @@ class Memory:
     @_guarded
     def corpus_rows(self):
         """[(id, line)] of the whole corpus in id order."""
-        return [(i, bytes_to_text(bytes(line))) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
+        return [(i, self._text(line)) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
 
     @_guarded
     def corpus_lines(self):
