@@ -3697,7 +3697,7 @@ def _finite(v):
 
 def _burst_mark(note):
     """'burst' for a kept burst, 'rejected' for a rolled-back burst or idle phase, None for any other row."""
-    note = note or ""
+    note = note if isinstance(note, str) else ""          # a BLOB or number put there by hand marks nothing
     if note.startswith("rejected"):
         return "rejected"
     return "burst" if note.startswith("burst") else None
