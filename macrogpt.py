@@ -4521,8 +4521,8 @@ def _header_entries(path, header):
                 count *= int(d)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise HFError("%s is damaged: tensor %s has no valid dtype/shape/data_offsets" % (path, name))
-        if dtype not in HF_DTYPES:
-            raise HFError("%s: tensor %s is %s; macrogpt reads F32, F16, BF16 and F64" % (path, name, dtype))
+        if not isinstance(dtype, str) or dtype not in HF_DTYPES:        # a list is unhashable; %r keeps one line
+            raise HFError("%s: tensor %s is %.40r; macrogpt reads F32, F16, BF16 and F64" % (path, name, dtype))
         if not (isinstance(a, int) and isinstance(b, int)) or b - a != count * HF_DTYPES[dtype]:
             raise HFError("%s is damaged: tensor %s does not fit its data_offsets" % (path, name))
         out.append((a, b, name))

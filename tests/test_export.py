@@ -201,6 +201,16 @@ class ExportTest(unittest.TestCase):
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(good)
 
+    def test_unknown_dtype_is_refused_in_one_line(self):
+        path = self.path("d.safetensors")
+        for dtype in ([], "F\n2", {"a": 1}):
+            text = json.dumps({"a": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}).encode("utf-8")
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + b"\0" * 4)
+            with self.assertRaisesRegex(M.HFError, "tensor a is .*; macrogpt reads") as cm:
+                M.read_safetensors(path)
+            self.assertNotIn("\n", str(cm.exception))
+
     def test_lora_export_keeps_deltas_apart_and_adds_up(self):
         cfg = tiny_trainer_config()
         brain = brain_with_deltas(cfg)
