@@ -4736,7 +4736,7 @@ def _merge_pair_strings(entry):
     """A merges entry, "a b" (tokenizers < 0.20) or ["a", "b"] -> (a, b)."""
     parts = entry.split(" ") if isinstance(entry, str) else entry
     if not isinstance(parts, list) or len(parts) != 2:
-        raise ValueError(entry)
+        raise ValueError("%.40r" % (entry,))           # %r: an entry may hold a newline
     return parts
 
 
@@ -4792,7 +4792,7 @@ def tokenizer_from_hf(tj, path):
         for rank, entry in enumerate(merges):
             a, b = _merge_pair_strings(entry)
             if vocab[a + b] != N_BASE_VOCAB + rank:
-                raise ValueError(entry)
+                raise ValueError("%.40r" % (entry,))
             pairs.append((vocab[a], vocab[b]))
         return Tokenizer(pairs)
     except (KeyError, TypeError, ValueError) as e:

@@ -211,6 +211,18 @@ class ExportTest(unittest.TestCase):
                 M.read_safetensors(path)
             self.assertNotIn("\n", str(cm.exception))
 
+    def test_merge_with_a_newline_is_refused_in_one_line(self):
+        folder = self.export(brain_with_deltas(tiny_trainer_config(), head_deltas=False))
+        path = os.path.join(folder, "tokenizer.json")
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+        tj["model"]["merges"][0] = "\u0120\nd"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(tj, f)
+        with self.assertRaisesRegex(M.HFError, "merge .* does not make the next id") as cm:
+            M.brain_from_hf(folder, tiny_trainer_config())
+        self.assertNotIn("\n", str(cm.exception))
+
     def test_lora_export_keeps_deltas_apart_and_adds_up(self):
         cfg = tiny_trainer_config()
         brain = brain_with_deltas(cfg)
