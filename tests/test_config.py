@@ -43,6 +43,10 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertRejects("entropy_temp_focus", entropy_temp_focus=0.0)      # divided by in sampling
         self.assertRejects("entropy_temp_boost", entropy_temp_boost=-1.0)
 
+    def test_field_order_is_bounded(self):
+        self.assertRejects("Config.field_order must be at most 16, got 1000", field_order=1000)   # hung the start
+        self.assertEqual(Config(field_order=16).field_order, 16)
+
     def test_field_discount_keeps_probabilities_positive(self):
         self.assertRejects("field_discount", field_discount=1.5)     # gave probabilities down to -0.025
         self.assertRejects("field_discount", field_discount=-0.5)
