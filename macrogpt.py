@@ -1544,7 +1544,11 @@ def restore_checkpoint(body, cfg=None, seed=0):
     """Rebuild (model, opt, step, extra) from a checkpoint body, growing into cfg if it is larger."""
     try:
         saved_cfg = Config.from_dict(body["config"])
-        model = GPT(saved_cfg, body["vocab_size"], seed, init=False)
+        C, V, n_deltas = saved_cfg.n_embd, body["vocab_size"], min(len(body["delta_alphas"]), saved_cfg.max_delta_modules)
+        stored = sum(len(p["data"]) for p in body["params"].values()) * 3 // 32      # float64s in base64
+        if V * C + 16 * saved_cfg.n_layer * C * C + n_deltas * saved_cfg.delta_rank * C > stored:   # before allocating
+            raise CheckpointError("checkpoint is damaged: its sizes claim more weights than it holds")
+        model = GPT(saved_cfg, V, seed, init=False)
         for alpha in body["delta_alphas"]:
             model.add_delta()
             for _, lin in model.linears():

@@ -109,6 +109,19 @@ class CheckpointTest(unittest.TestCase):
             with self.assertRaisesRegex(M.CheckpointError, "no tokenizer state|progress is damaged"):
                 M.Brain.from_body(body)
 
+    def test_sizes_beyond_the_stored_weights_are_refused_before_allocating(self):
+        real_zeros = M.zeros
+
+        def zeros(rows, cols):                             # vocab_size 10**9 was a MemoryError after 30 s
+            self.assertLessEqual(rows * cols, 10 ** 6, "allocated what the file only claims")
+            return real_zeros(rows, cols)
+        for change in (lambda b: b.update(vocab_size=10 ** 9), lambda b: b["config"].update(n_layer=10 ** 6),
+                       lambda b: b["config"].update(n_embd=10 ** 5), lambda b: b["config"].update(delta_rank=10 ** 7)):
+            body = self.body_with(change)
+            with mock.patch.object(M, "zeros", zeros):
+                with self.assertRaisesRegex(M.CheckpointError, "claim more weights than it holds"):
+                    M.restore_checkpoint(body)
+
     def test_future_version_is_refused(self):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
