@@ -290,12 +290,14 @@ if _dist is not None:
     def prepare_row(w):
         """-> (w/2 as a tuple, |w/2|^2)."""
         h = tuple([0.5 * v for v in w])
-        return h, _dist(h, zero_tuple(len(h))) ** 2
+        n = _dist(h, zero_tuple(len(h)))
+        return h, n * n                           # not ** 2: past 1e154 that raises OverflowError, this gives inf
 
     def dots(x, halves, norms):
         """[x . w for every prepared row w], one math.dist call per row."""
         x = tuple(x)
-        nx = _dist(x, zero_tuple(len(x))) ** 2
+        nx = _dist(x, zero_tuple(len(x)))
+        nx *= nx
         return [nx + n - d * d for n, d in zip(norms, map(_dist, repeat(x), halves))]
 else:
     HALF = 1.0
