@@ -114,7 +114,9 @@ def _is_kind(value, kind):
         return kind == "bool" and isinstance(value, bool)
     if kind == "int":
         return isinstance(value, int)
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, int):                     # exact; math.isfinite(10**400) raises OverflowError
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def field_kind(name):

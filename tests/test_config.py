@@ -39,6 +39,10 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertRejects("Config.tie_embeddings must be true or false, got 1", tie_embeddings=1)
         self.assertEqual(Config(lr=1).lr, 1)                      # an integer is a number
 
+    def test_an_integer_past_the_float_range_is_not_a_number(self):
+        self.assertRejects("Config.lr must be a finite number, got 1000", lr=10 ** 400)   # was an OverflowError
+        self.assertEqual(Config(top_p=1).top_p, 1)
+
     def test_temperature_factors_must_be_positive(self):
         self.assertRejects("entropy_temp_focus", entropy_temp_focus=0.0)      # divided by in sampling
         self.assertRejects("entropy_temp_boost", entropy_temp_boost=-1.0)
