@@ -1554,6 +1554,8 @@ def restore_checkpoint(body, cfg=None, seed=0):
             raise CheckpointError("checkpoint is damaged: its sizes claim more weights than it holds")
         model = GPT(saved_cfg, V, seed, init=False)
         for alpha in body["delta_alphas"]:
+            if not _is_kind(alpha, "float"):               # 10**400 loaded, then overflowed in every forward
+                raise TypeError("a delta alpha is %.40r" % (alpha,))
             model.add_delta()
             for _, lin in model.linears():
                 lin.deltas[-1].alpha = alpha
@@ -1576,6 +1578,8 @@ def restore_checkpoint(body, cfg=None, seed=0):
             version, internal, gauss = body["rng"]
             model.rng.setstate((version, tuple(internal), gauss))
         step, extra = body["step"], body.get("extra", {})
+        if not _is_kind(step, "int") or step < 0:          # "x" loaded, then the learner's seed + step raised
+            raise TypeError("step is %.40r" % (step,))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
         raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
     if cfg is not None and cfg != saved_cfg:

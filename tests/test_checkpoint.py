@@ -122,6 +122,12 @@ class CheckpointTest(unittest.TestCase):
                 with self.assertRaisesRegex(M.CheckpointError, "claim more weights than it holds"):
                     M.restore_checkpoint(body)
 
+    def test_step_and_alphas_of_the_wrong_kind_are_refused_in_one_line(self):
+        for change in (lambda b: b.update(step="x"), lambda b: b.update(step=None), lambda b: b.update(step=-1),
+                       lambda b: b.update(delta_alphas=[10 ** 400]), lambda b: b.update(delta_alphas=["1"])):
+            with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete \\(TypeError: (step|a delta alpha) is"):
+                M.restore_checkpoint(self.body_with(change))
+
     def test_future_version_is_refused(self):
         M.save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:
