@@ -4534,7 +4534,7 @@ def _header_entries(path, header):
             count = 1
             for d in t["shape"]:
                 count *= int(d)
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):   # OverflowError: int(-inf)
             raise HFError("%s is damaged: tensor %s has no valid dtype/shape/data_offsets" % (path, name))
         if not isinstance(dtype, str) or dtype not in HF_DTYPES:        # a list is unhashable; %r keeps one line
             raise HFError("%s: tensor %s is %.40r; macrogpt reads F32, F16, BF16 and F64" % (path, name, dtype))

@@ -223,6 +223,15 @@ class ExportTest(unittest.TestCase):
             M.brain_from_hf(folder, tiny_trainer_config())
         self.assertNotIn("\n", str(cm.exception))
 
+    def test_infinite_shape_is_refused_in_one_line(self):
+        path = self.path("s.safetensors")
+        for shape in ([float("-inf")], [2, float("inf")]):
+            text = json.dumps({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}}).encode("utf-8")
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + b"\0" * 4)
+            with self.assertRaisesRegex(M.HFError, "tensor a has no valid dtype/shape/data_offsets"):
+                M.read_safetensors(path)
+
     def test_lora_export_keeps_deltas_apart_and_adds_up(self):
         cfg = tiny_trainer_config()
         brain = brain_with_deltas(cfg)
