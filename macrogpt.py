@@ -4706,6 +4706,12 @@ def _read_json(path):
     return obj
 
 
+def _shown(value):
+    """str(value) for a one-line message; repr if it holds a newline or another control character."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def _hf_rope_theta(hf, path):
     """rope_theta from either layout (transformers 4: rope_theta; 5: rope_parameters); plain RoPE only."""
     params = hf.get("rope_parameters") or {}
@@ -4714,15 +4720,16 @@ def _hf_rope_theta(hf, path):
         raise HFError("%s: rope_parameters is not one plain RoPE setting" % path)
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFError("%s uses %s RoPE (partial or scaled); macrogpt has plain RoPE only" % (path, kind))
+        raise HFError("%s uses %s RoPE (partial or scaled); macrogpt has plain RoPE only" % (path, _shown(kind)))
     return params.get("rope_theta", hf.get("rope_theta", 10000.0))
 
 
 def check_hf_config(hf, cfg, path):
     """Refuse, with one line, any config.json that macrogpt's network under cfg cannot represent."""
     if hf.get("architectures") != ["LlamaForCausalLM"] or hf.get("model_type", "llama") != "llama":
-        raise HFError("%s is a %s model; macrogpt imports LlamaForCausalLM only"
-                      % (path, "/".join(map(str, hf.get("architectures") or ["unknown"]))))
+        archs = hf.get("architectures")                 # a float here was a TypeError, "a\nb" two lines
+        name = "/".join(map(str, archs)) if isinstance(archs, list) and archs else "unknown"
+        raise HFError("%s is a %s model; macrogpt imports LlamaForCausalLM only" % (path, _shown(name)))
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
         if not _is_kind(hf.get(key), "int") or hf[key] <= 0:
             raise HFError("%s: config.json has %s = %r; a positive integer is needed" % (path, key, hf.get(key)))

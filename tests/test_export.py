@@ -327,6 +327,22 @@ class ExportTest(unittest.TestCase):
             json.dump(good, f)
         self.assertEqual(M.brain_from_hf(folder, cfg).tok.vocab_size, tj["model"]["vocab"].__len__())
 
+    def test_odd_architectures_and_rope_types_are_refused_in_one_line(self):
+        cfg = tiny_trainer_config()
+        folder = self.export(brain_with_deltas(cfg, head_deltas=False))
+        path = os.path.join(folder, "config.json")
+        with open(path, encoding="utf-8") as f:
+            good = json.load(f)
+        for change, why in ((dict(architectures=0.5), "is a unknown model"),
+                            (dict(architectures=["LlamaFor\nCausalLM"]), "is a 'LlamaFor\\\\nCausalLM' model"),
+                            (dict(architectures=["MistralForCausalLM"]), "is a MistralForCausalLM model"),
+                            (dict(rope_parameters={"rope_type": "\n"}), "uses '\\\\n' RoPE")):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(dict(good, **change), f)
+            with self.assertRaisesRegex(M.HFError, why) as cm:
+                M.brain_from_hf(folder, cfg)
+            self.assertNotIn("\n", str(cm.exception))
+
     def test_malformed_files_are_refused_in_one_line(self):
         cfg = tiny_trainer_config(tie_embeddings=False)
         folder = self.export(brain_with_deltas(cfg))
