@@ -4529,6 +4529,8 @@ def _header_entries(path, header):
     """Validate each tensor entry -> [(begin, end, name)] sorted by begin."""
     out = []
     for name, t in header.items():
+        if not name.isprintable():                     # every later message names the tensor on one line
+            raise HFError("%s is damaged: a tensor name holds %.60r" % (path, name))
         try:
             (a, b), dtype = t["data_offsets"], t["dtype"]
             count = 1

@@ -232,6 +232,17 @@ class ExportTest(unittest.TestCase):
             with self.assertRaisesRegex(M.HFError, "tensor a has no valid dtype/shape/data_offsets"):
                 M.read_safetensors(path)
 
+    def test_tensor_name_with_a_newline_is_refused_in_one_line(self):
+        cfg = tiny_trainer_config()
+        folder = self.export(brain_with_deltas(cfg, head_deltas=False))
+        path = os.path.join(folder, "model.safetensors")
+        tensors = [(name, shape, [flat[i:i + shape[-1]] for i in range(0, len(flat), shape[-1])])
+                   for name, (shape, flat) in sorted(M.read_safetensors(path).items())]
+        M.write_safetensors(path, tensors + [("x\n.bias", [1, 2], [[0.0, 0.0]])])   # was named on two lines
+        with self.assertRaisesRegex(M.HFError, "a tensor name holds 'x\\\\n.bias'") as cm:
+            M.brain_from_hf(folder, cfg)
+        self.assertNotIn("\n", str(cm.exception))
+
     def test_lora_export_keeps_deltas_apart_and_adds_up(self):
         cfg = tiny_trainer_config()
         brain = brain_with_deltas(cfg)
