@@ -2225,6 +2225,11 @@ GROWTH_FIELDS = ("step", "vocab", "params", "deltas", "loss", "heldout_bpb", "to
 STATE_KINDS = {"seed_digest": str, "settings": dict, "burst_mark": int}   # what readers of each key expect
 
 
+def _one_line(e):
+    """An SQLite message for a one-line error: it quotes names from the file, which damage can break."""
+    return str(e).replace("\n", "\\n")
+
+
 def _guarded(method):
     """Memory's one error boundary: an SQLite failure after open (locked past the busy timeout,
     disk full, a damaged page) becomes one MemoryStoreError; the transaction is rolled back."""
@@ -2233,7 +2238,7 @@ def _guarded(method):
         try:
             return method(self, *args, **kw)
         except sqlite3.Error as e:
-            raise MemoryStoreError("database %s: %s" % (self.path, e)) from None
+            raise MemoryStoreError("database %s: %s" % (self.path, _one_line(e))) from None
     return guarded
 
 
@@ -2249,7 +2254,7 @@ class Memory:
         try:
             self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None)
         except sqlite3.Error as e:
-            raise MemoryStoreError("cannot open database %s: %s" % (path, e))
+            raise MemoryStoreError("cannot open database %s: %s" % (path, _one_line(e)))
         try:
             self._check_and_migrate(path)
         except BaseException:
@@ -2262,8 +2267,8 @@ class Memory:
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except (sqlite3.DatabaseError, UnicodeDecodeError) as e:   # a damaged byte in a table's name
             if _is_sqlite_file(path):
-                raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, _damaged_hint(path)))
-            raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))
+                raise MemoryStoreError("%s is damaged (%s); %s" % (path, _one_line(e), _damaged_hint(path)))
+            raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, _one_line(e)))
         if version > MEMORY_VERSION:
             raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
         if version < 0 or version == 0 and tables:        # no macrogpt ever wrote a negative version
@@ -2282,7 +2287,7 @@ class Memory:
             elif version < MEMORY_VERSION:
                 self._migrate(version)
         except sqlite3.Error as e:
-            raise MemoryStoreError("cannot use database %s: %s" % (path, e))
+            raise MemoryStoreError("cannot use database %s: %s" % (path, _one_line(e)))
 
     def _migrate(self, version):
         """All steps from `version` to MEMORY_VERSION in one transaction: a failure leaves the file as it was."""
@@ -2302,7 +2307,7 @@ class Memory:
             odd_ids = 0 if missing else self.db.execute(
                 "SELECT COUNT(*) FROM corpus WHERE typeof(id) != 'integer'").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, hint))
+            raise MemoryStoreError("%s is damaged (%s); %s" % (path, _one_line(e), hint))
         if problems != ["ok"]:
             raise MemoryStoreError("%s is damaged (%s); %s" % (path, problems[0].splitlines()[-1], hint))
         if missing:

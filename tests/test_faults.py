@@ -184,6 +184,16 @@ class MemoryFaultTest(unittest.TestCase):
         db.close()
         self.assertRefused("1 corpus ids are not integers")
 
+    def test_damaged_name_with_a_newline_is_refused_in_one_line(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:                   # SQLite quotes the broken name in its message
+            f.write(data.replace(b"sqlite_autoindex_corpus_1", b"sqlite_autoindex_cor\nus_1"))
+        with self.assertRaises(M.MemoryStoreError) as cm:
+            M.Memory(self.path)
+        self.assertIn("is damaged", str(cm.exception))
+        self.assertNotIn("\n", str(cm.exception))
+
     def test_damaged_page_is_refused_at_open(self):
         mem = M.Memory(self.path)
         mem.add_corpus_lines(["line %d %s" % (i, "x" * 200) for i in range(200)], "seed")
