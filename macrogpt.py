@@ -414,8 +414,11 @@ def sigmoid_row(xs):
 
 
 def sumsq(x):
-    """|x|^2."""
-    return _dist(x, zero_tuple(len(x))) ** 2 if _dist is not None else sum(v * v for v in x)
+    """|x|^2 (inf past 1e154, where float ** 2 would raise OverflowError)."""
+    if _dist is None:
+        return sum(v * v for v in x)
+    n = _dist(x, zero_tuple(len(x)))
+    return n * n
 
 
 def rms_scale(x, eps=1e-6):

@@ -178,6 +178,11 @@ class GraphTest(unittest.TestCase):
         h, n = M.prepare_row([1e200, 0.0])                 # the generation path: no exception either
         self.assertEqual(len(M.dots([1.0, 1.0], [h], [n])), 1)
 
+    def test_rms_of_huge_rows_is_not_an_exception(self):
+        # a checkpoint claiming the wrong byteorder loads weights near 1e200; sumsq's ** 2 raised there
+        self.assertEqual(M.sumsq([1e200, 0.0]), float("inf"))
+        self.assertEqual(M.rms_scale([1e200, 1.0]), 0.0)
+
     def test_fixed_point_kernel_within_its_error_bound(self):
         rng = random.Random(4)
         for M_rows, k in ((1, 1), (7, 72), (40, 288), (3, 5)):
