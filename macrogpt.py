@@ -2319,7 +2319,9 @@ class Memory:
             raise MemoryStoreError("%s is damaged (%d corpus ids are not integers); %s" % (path, odd_ids, hint))
         for key, value in state:
             try:
-                ok = isinstance(json.loads(value), STATE_KINDS.get(key, object))
+                loaded = json.loads(value)
+                ok = isinstance(loaded, STATE_KINDS.get(key, object)) and not (   # SQLite takes 64-bit integers only
+                    isinstance(loaded, int) and not -2 ** 63 <= loaded < 2 ** 63)
             except (TypeError, ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
                 ok = False
             if not ok:

@@ -194,6 +194,10 @@ class MemoryFaultTest(unittest.TestCase):
         self.assertIn("is damaged", str(cm.exception))
         self.assertNotIn("\n", str(cm.exception))
 
+    def test_state_integer_past_64_bits_is_refused_at_open(self):
+        self.raw("INSERT INTO state (key, value) VALUES ('burst_mark', '%d')" % 10 ** 40)   # a query parameter later
+        self.assertRefused("state 'burst_mark' holds")
+
     def test_damaged_page_is_refused_at_open(self):
         mem = M.Memory(self.path)
         mem.add_corpus_lines(["line %d %s" % (i, "x" * 200) for i in range(200)], "seed")
