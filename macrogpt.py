@@ -4752,7 +4752,8 @@ def check_hf_config(hf, cfg, path):
     for key, want in fixed:
         if hf.get(key, want) != want:
             raise HFError("%s has %s = %r; macrogpt's network needs %r" % (path, key, hf.get(key), want))
-    if (hf.get("head_dim") or hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if not _is_kind(head_dim, "int") or head_dim * heads != hf["hidden_size"]:   # {"a": 1} was a TypeError
         raise HFError("%s has head_dim %r; macrogpt needs hidden_size / num_attention_heads" % (path, hf.get("head_dim")))
     shapes = (("num_hidden_layers", "n_layer"), ("hidden_size", "n_embd"), ("num_attention_heads", "n_head"),
               ("max_position_embeddings", "block_size"))

@@ -354,6 +354,18 @@ class ExportTest(unittest.TestCase):
                 M.brain_from_hf(folder, cfg)
             self.assertNotIn("\n", str(cm.exception))
 
+    def test_head_dim_of_the_wrong_kind_is_refused_in_one_line(self):
+        cfg = tiny_trainer_config()
+        folder = self.export(brain_with_deltas(cfg, head_deltas=False))
+        path = os.path.join(folder, "config.json")
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+        for head_dim in ({"a": 1}, "8", [8]):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(dict(hf, head_dim=head_dim), f)
+            with self.assertRaisesRegex(M.HFError, "has head_dim"):
+                M.brain_from_hf(folder, cfg)
+
     def test_malformed_files_are_refused_in_one_line(self):
         cfg = tiny_trainer_config(tie_embeddings=False)
         folder = self.export(brain_with_deltas(cfg))
