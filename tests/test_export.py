@@ -366,6 +366,12 @@ class ExportTest(unittest.TestCase):
             with self.assertRaisesRegex(M.HFError, "has head_dim"):
                 M.brain_from_hf(folder, cfg)
 
+    def test_a_foreign_pattern_prints_no_warning(self):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                 # Python warns of "[[" as a future set syntax
+            self.assertFalse(M._splits_like_piece_re({"Regex": "[[a-z]x(?:28)]"}))
+
     def test_malformed_files_are_refused_in_one_line(self):
         cfg = tiny_trainer_config(tie_embeddings=False)
         folder = self.export(brain_with_deltas(cfg))
