@@ -58,6 +58,7 @@ import struct
 import textwrap
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from collections import Counter
 import itertools
@@ -105,6 +106,7 @@ class CheckpointError(MacroError):
 # ======================================================================================
 
 _KIND_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
+MAX_FIELD_ORDER = 16                      # field_order 1000 spent minutes counting a 40-line corpus
 
 
 def _is_kind(value, kind):
@@ -113,7 +115,9 @@ def _is_kind(value, kind):
         return kind == "bool" and isinstance(value, bool)
     if kind == "int":
         return isinstance(value, int)
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, int):                     # exact; math.isfinite(10**400) raises OverflowError
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def field_kind(name):
@@ -184,7 +188,7 @@ class Config:
     bpe_num_merges: int = 768            # merges the first training learns (0 keeps bytes)
     bpe_retrain_merges: int = 32         # merges each later retrain adds
     # corpus field
-    field_order: int = 4
+    field_order: int = 4                 # 1..MAX_FIELD_ORDER: each order adds a count per token and order
     field_discount: float = 0.75
     # sampling
     temperature: float = 0.85
@@ -220,6 +224,8 @@ class Config:
             raise ConfigError("Config.lr_min must be in [0, lr], got %r" % self.lr_min)
         if self.entropy_low > self.entropy_high:
             raise ConfigError("Config.entropy_low must not exceed entropy_high")
+        if self.field_order > MAX_FIELD_ORDER:          # the counts grow as order squared per token
+            raise ConfigError("Config.field_order must be at most %d, got %r" % (MAX_FIELD_ORDER, self.field_order))
 
     @property
     def head_dim(self):
@@ -268,12 +274,14 @@ if _dist is not None:
     def prepare_row(w):
         """-> (w/2 as a tuple, |w/2|^2)."""
         h = tuple([0.5 * v for v in w])
-        return h, _dist(h, zero_tuple(len(h))) ** 2
+        n = _dist(h, zero_tuple(len(h)))
+        return h, n * n                           # not ** 2: past 1e154 that raises OverflowError, this gives inf
 
     def dots(x, halves, norms):
         """[x . w for every prepared row w], one math.dist call per row."""
         x = tuple(x)
-        nx = _dist(x, zero_tuple(len(x))) ** 2
+        nx = _dist(x, zero_tuple(len(x)))
+        nx *= nx
         return [nx + n - d * d for n, d in zip(norms, map(_dist, repeat(x), halves))]
 else:
     HALF = 1.0
@@ -388,8 +396,11 @@ def sigmoid_row(xs):
 
 
 def sumsq(x):
-    """|x|^2."""
-    return _dist(x, zero_tuple(len(x))) ** 2 if _dist is not None else sum(v * v for v in x)
+    """|x|^2 (inf past 1e154, where float ** 2 would raise OverflowError)."""
+    if _dist is None:
+        return sum(v * v for v in x)
+    n = _dist(x, zero_tuple(len(x)))
+    return n * n
 
 
 def rms_scale(x, eps=1e-6):
@@ -1362,8 +1373,14 @@ def restore_checkpoint(body, cfg=None, seed=0):
     """Rebuild (model, opt, step, extra) from a checkpoint body, growing into cfg if it is larger."""
     try:
         saved_cfg = Config.from_dict(body["config"])
-        model = GPT(saved_cfg, body["vocab_size"], seed, init=False)
+        C, V, n_deltas = saved_cfg.n_embd, body["vocab_size"], min(len(body["delta_alphas"]), saved_cfg.max_delta_modules)
+        stored = sum(len(p["data"]) for p in body["params"].values()) * 3 // 32      # float64s in base64
+        if V * C + 16 * saved_cfg.n_layer * C * C + n_deltas * saved_cfg.delta_rank * C > stored:   # before allocating
+            raise CheckpointError("checkpoint is damaged: its sizes claim more weights than it holds")
+        model = GPT(saved_cfg, V, seed, init=False)
         for alpha in body["delta_alphas"]:
+            if not _is_kind(alpha, "float"):               # 10**400 loaded, then overflowed in every forward
+                raise TypeError("a delta alpha is %.40r" % (alpha,))
             model.add_delta(alpha)
         opt = Adam(saved_cfg)
         order = body["byteorder"]
@@ -1381,7 +1398,9 @@ def restore_checkpoint(body, cfg=None, seed=0):
             version, internal, gauss = body["rng"]
             model.rng.setstate((version, tuple(internal), gauss))
         step, extra = body["step"], body.get("extra", {})
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
+        if not _is_kind(step, "int") or step < 0:          # "x" loaded, then the learner's seed + step raised
+            raise TypeError("step is %.40r" % (step,))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
         raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
     if cfg is not None and cfg != saved_cfg:
         if all(getattr(cfg, f) == getattr(saved_cfg, f) for f in GROWABLE):
@@ -2023,6 +2042,11 @@ def search_terms(text):
     return out
 
 
+def _one_line(e):
+    """An SQLite message for a one-line error: it quotes names from the file, which damage can break."""
+    return str(e).replace("\n", "\\n")
+
+
 def _guarded(method):
     """Memory's one error boundary: an SQLite failure after open (locked past the busy timeout,
     disk full, a damaged page) becomes one MemoryStoreError; the transaction is rolled back."""
@@ -2031,7 +2055,7 @@ def _guarded(method):
         try:
             return method(self, *args, **kw)
         except sqlite3.Error as e:
-            raise MemoryStoreError("database %s: %s" % (self.path, e)) from None
+            raise MemoryStoreError("database %s: %s" % (self.path, _one_line(e))) from None
     return guarded
 
 
@@ -2047,7 +2071,7 @@ class Memory:
         try:
             self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None)
         except sqlite3.Error as e:
-            raise MemoryStoreError("cannot open database %s: %s" % (path, e))
+            raise MemoryStoreError("cannot open database %s: %s" % (path, _one_line(e)))
         try:
             self._check_and_migrate(path)
         except BaseException:
@@ -2058,13 +2082,13 @@ class Memory:
         try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:   # a damaged byte in a table's name
             if _is_sqlite_file(path):
-                raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, _damaged_hint(path)))
-            raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))
+                raise MemoryStoreError("%s is damaged (%s); %s" % (path, _one_line(e), _damaged_hint(path)))
+            raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, _one_line(e)))
         if version > MEMORY_VERSION:
             raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
-        if (version == 0 and tables) or version < 0:
+        if version < 0 or version == 0 and tables:        # no macrogpt ever wrote a negative version
             raise MemoryStoreError("%s is an SQLite file but not a macrogpt database; pass another --db" % path)
         if version:
             self._check_intact(path, tables)
@@ -2081,7 +2105,7 @@ class Memory:
                 self._migrate(version)
             self.index = MessageIndex(self.db)
         except sqlite3.Error as e:
-            raise MemoryStoreError("cannot use database %s: %s" % (path, e))
+            raise MemoryStoreError("cannot use database %s: %s" % (path, _one_line(e)))
 
     def _migrate(self, version):
         """All steps from `version` to MEMORY_VERSION in one transaction: a failure leaves the file as it was."""
@@ -2098,16 +2122,22 @@ class Memory:
             problems = [r[0] for r in self.db.execute("PRAGMA quick_check")]
             missing = sorted(set(re.findall(r"CREATE TABLE (\w+)", SCHEMA)) - tables)
             state = self.db.execute("SELECT key, value FROM state").fetchall() if not missing else []
+            odd_ids = 0 if missing else self.db.execute(
+                "SELECT COUNT(*) FROM corpus WHERE typeof(id) != 'integer'").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, hint))
+            raise MemoryStoreError("%s is damaged (%s); %s" % (path, _one_line(e), hint))
         if problems != ["ok"]:
             raise MemoryStoreError("%s is damaged (%s); %s" % (path, problems[0].splitlines()[-1], hint))
         if missing:
             raise MemoryStoreError("%s is damaged (table %s is missing); %s" % (path, missing[0], hint))
+        if odd_ids:                                    # an edited schema: id is no longer the row's number
+            raise MemoryStoreError("%s is damaged (%d corpus ids are not integers); %s" % (path, odd_ids, hint))
         for key, value in state:
             try:
-                ok = isinstance(json.loads(value), STATE_KINDS.get(key, object))
-            except (TypeError, ValueError):
+                loaded = json.loads(value)
+                ok = isinstance(loaded, STATE_KINDS.get(key, object)) and not (   # SQLite takes 64-bit integers only
+                    isinstance(loaded, int) and not -2 ** 63 <= loaded < 2 ** 63)
+            except (TypeError, ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
                 ok = False
             if not ok:
                 raise MemoryStoreError("%s is damaged (state %r holds %.40r); delete that row of table state, or %s"
@@ -2120,6 +2150,14 @@ class Memory:
         if self.db is not None:
             self.db.close()
             self.db = None
+
+    def _text(self, value):
+        """A stored text: a BLOB as written, or TEXT as an edit by hand leaves it; a number is damage."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, bytes):
+            raise MemoryStoreError("%s is damaged (a text holds %.40r); %s" % (self.path, value, _damaged_hint(self.path)))
+        return bytes_to_text(value)
 
     # -- conversation ------------------------------------------------------------------------
     @_guarded
@@ -2135,7 +2173,7 @@ class Memory:
     @_guarded
     def recent_messages(self, n):
         rows = self.db.execute("SELECT role, text FROM messages ORDER BY id DESC LIMIT ?", (n,)).fetchall()
-        return [(role, bytes_to_text(bytes(text))) for role, text in reversed(rows)]
+        return [(role, self._text(text)) for role, text in reversed(rows)]
 
     @_guarded
     def search_messages(self, text, k=3, before=None):
@@ -2177,7 +2215,7 @@ class Memory:
     @_guarded
     def corpus_rows(self):
         """[(id, line)] of the whole corpus in id order."""
-        return [(i, bytes_to_text(bytes(line))) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
+        return [(i, self._text(line)) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
 
     @_guarded
     @_guarded
@@ -2688,7 +2726,13 @@ class Progress:
         if d.get("heldout"):
             d["heldout"] = Heldout.from_dict(d["heldout"])
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        progress = cls(**{k: v for k, v in d.items() if k in known})
+        for obj in (progress, progress.heldout) if progress.heldout else (progress,):
+            for f in fields(obj):                        # /status and the trainer format and compare these
+                value, kind = getattr(obj, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+                if kind in _KIND_NAMES and not (_is_kind(value, kind) or value is None and f.default is None):
+                    raise TypeError("%s is %.40r" % (f.name, value))
+        return progress
 
 
 def bpe_merges_due(cfg, n_bytes, done_chars):
@@ -2716,7 +2760,7 @@ class Brain:
     @classmethod
     def from_body(cls, body, cfg=None, seed=0):
         model, opt, step, extra = restore_checkpoint(body, cfg, seed)
-        if "tokenizer" not in extra:
+        if not isinstance(extra, dict) or not isinstance(extra.get("tokenizer"), dict):
             raise CheckpointError("checkpoint has no tokenizer state")
         tok = Tokenizer.from_dict(extra["tokenizer"])
         if tok.vocab_size != model.vocab_size:
@@ -2724,7 +2768,7 @@ class Brain:
                                   % (tok.vocab_size, model.vocab_size))
         try:
             progress = Progress.from_dict(extra.get("progress", {}))
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:   # ValueError: dict(["abc"])
             raise CheckpointError("checkpoint progress is damaged (%s)" % e)
         return cls(model, opt, step, tok, progress)
 
@@ -3650,7 +3694,7 @@ def _finite(v):
 
 def _burst_mark(note):
     """'burst' for a kept burst, 'rejected' for a rolled-back burst or idle phase, None for any other row."""
-    note = note or ""
+    note = note if isinstance(note, str) else ""          # a BLOB or number put there by hand marks nothing
     if note.startswith("rejected"):
         return "rejected"
     return "burst" if note.startswith("burst") else None
@@ -4385,6 +4429,8 @@ def _checked_header(path, data):
     header.pop("__metadata__", None)
     spans = []
     for name, t in header.items():
+        if not name.isprintable():                     # every later message names the tensor on one line
+            raise HFError("%s is damaged: a tensor name holds %.60r" % (path, name))
         try:
             (a, b), dtype = t["data_offsets"], t["dtype"]
             count = 1
@@ -4393,7 +4439,7 @@ def _checked_header(path, data):
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise HFError("%s is damaged: tensor %s has no valid dtype/shape/data_offsets" % (path, name))
         if not isinstance(dtype, str) or dtype not in HF_DTYPES:
-            raise HFError("%s: tensor %s is %s; macrogpt reads F32, F16, BF16 and F64" % (path, name, dtype))
+            raise HFError("%s: tensor %s is %.40r; macrogpt reads F32, F16, BF16 and F64" % (path, name, dtype))
         size = count * struct.calcsize("<" + HF_DTYPES[dtype])
         if not (isinstance(a, int) and isinstance(b, int)) or b - a != size:
             raise HFError("%s is damaged: tensor %s does not fit its data_offsets" % (path, name))
@@ -4525,6 +4571,12 @@ def _read_json(path):
     return _json_object(read_bytes(path, "", HFError), path)
 
 
+def _shown(value):
+    """str(value) for a one-line message; repr if it holds a newline or another control character."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def _hf_rope_theta(hf, path):
     """rope_theta from either layout (transformers 4: rope_theta; 5: rope_parameters); plain RoPE only."""
     params = hf.get("rope_parameters") or {}
@@ -4533,15 +4585,16 @@ def _hf_rope_theta(hf, path):
         raise HFError("%s: rope_parameters is not one plain RoPE setting" % path)
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFError("%s uses %s RoPE (partial or scaled); macrogpt has plain RoPE only" % (path, kind))
+        raise HFError("%s uses %s RoPE (partial or scaled); macrogpt has plain RoPE only" % (path, _shown(kind)))
     return params.get("rope_theta", hf.get("rope_theta", 10000.0))
 
 
 def check_hf_config(hf, cfg, path):
     """Refuse, with one line, any config.json that macrogpt's network under cfg cannot represent."""
     if hf.get("architectures") != ["LlamaForCausalLM"] or hf.get("model_type", "llama") != "llama":
-        raise HFError("%s is a %s model; macrogpt imports LlamaForCausalLM only"
-                      % (path, "/".join(map(str, hf.get("architectures") or ["unknown"]))))
+        archs = hf.get("architectures")                 # a float here was a TypeError, "a\nb" two lines
+        name = "/".join(map(str, archs)) if isinstance(archs, list) and archs else "unknown"
+        raise HFError("%s is a %s model; macrogpt imports LlamaForCausalLM only" % (path, _shown(name)))
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
         if not _is_kind(hf.get(key), "int") or hf[key] <= 0:
             raise HFError("%s: config.json has %s = %r; a positive integer is needed" % (path, key, hf.get(key)))
@@ -4552,7 +4605,8 @@ def check_hf_config(hf, cfg, path):
     for key, want in fixed:
         if hf.get(key, want) != want:
             raise HFError("%s has %s = %r; macrogpt's network needs %r" % (path, key, hf.get(key), want))
-    if (hf.get("head_dim") or hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if not _is_kind(head_dim, "int") or head_dim * heads != hf["hidden_size"]:   # {"a": 1} was a TypeError
         raise HFError("%s has head_dim %r; macrogpt needs hidden_size / num_attention_heads" % (path, hf.get("head_dim")))
     shapes = (("num_hidden_layers", "n_layer"), ("hidden_size", "n_embd"), ("num_attention_heads", "n_head"),
               ("max_position_embeddings", "block_size"))
@@ -4574,7 +4628,9 @@ def _splits_like_piece_re(pattern):
         return False
     as_python = re.sub(r"\\x\{([0-9A-F]{1,6})\}", lambda m: "\\U%08X" % int(m.group(1), 16), regex)
     try:
-        return re.findall(as_python, HF_PROBE) == split_pieces(HF_PROBE)
+        with warnings.catch_warnings():            # a foreign pattern's FutureWarning went to stderr, 2 lines
+            warnings.simplefilter("ignore")
+            return re.findall(as_python, HF_PROBE) == split_pieces(HF_PROBE)
     except (re.error, ValueError):                 # not a pattern Python can read: not ours
         return False
 
@@ -4613,7 +4669,7 @@ def tokenizer_from_hf(tj, path):
         for rank, entry in enumerate(merges):
             pair = entry.split(" ") if isinstance(entry, str) else entry    # "a b" until tokenizers 0.20, then ["a", "b"]
             if not isinstance(pair, list) or len(pair) != 2 or vocab[pair[0] + pair[1]] != N_BASE_VOCAB + rank:
-                raise ValueError(entry)
+                raise ValueError("%.40r" % (entry,))
             pairs.append((vocab[pair[0]], vocab[pair[1]]))
         return Tokenizer(pairs)
     except (KeyError, TypeError, ValueError) as e:
@@ -4943,7 +4999,7 @@ def load_config(path):
     try:
         with open(path, encoding="utf-8") as f:
             overrides = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: nested deeper than json can parse
         raise ConfigError("cannot read config %s: %s" % (path, e))
     if not isinstance(overrides, dict):
         raise ConfigError("config %s must hold a JSON object of Config fields" % path)

@@ -3,6 +3,7 @@
 Not a unit test module (tests/test_fuzz.py runs a small sample of it). Run from the repository root:
     python tests/fuzz.py --reader all --cases 10000 --seed 1      (each reader, in a child process)
     python tests/fuzz.py --reader checkpoint --seed 1 --case 123   (one case here, with its traceback)
+    python tests/fuzz.py --cli --cases 30                           (each case through `python macrogpt.py`)
 
 Readers: checkpoint, database, config (--config JSON), corpus, the Hugging Face folder's three files
 (hf-weights, hf-config, hf-tokenizer, as --export writes them) and repl (lines typed at the chat).
@@ -10,16 +11,18 @@ Each case writes the valid files of a small organism into an empty folder, mutat
 (bit flips, truncations, splices, huge numbers, deep JSON, wrong types, invalid UTF-8), calls the
 reader, and if that accepts the input, chats with the result through the real REPL loop (`chat`).
 A case ends as one of
-    error      a MacroError: the one line `macrogpt: error: ...` the CLI prints
-    load       the input was accepted and the chat ran (for repl: the line was answered)
+    error      a MacroError: the one line `macrogpt: error: ...` the CLI prints (repl: error:/usage: answers)
+    load       the input was accepted and the chat ran (repl: every line answered, none refused)
     traceback  anything else escaped, or an error message spans lines
     hang       the case used over 10 s of CPU time, or was blocked over 60 s (the machine may be shared)
     memory     the case's peak resident memory passed 200 MB (Linux), or MemoryError
     changed    a file of the folder changed that the case was not meant to write
-Only the last four are failures; the exit code is 1 if any occurred.
+Only the last four are failures; the exit code is 1 if any occurred. Cases run in a child
+process (a case stuck in C code is killed from outside), and a case's seed is its reader and
+number, so any one reproduces alone. With --cli the program itself reads each case: it must exit 0,
+or 2 with one line `macrogpt: error: ...` on stderr, and never print a traceback.
 """
 import argparse
-import base64
 import hashlib
 import io
 import json
@@ -397,12 +400,21 @@ class Case:
         """The real REPL loop (piped input, no training) over lines, then the exit save."""
         data = "".join(line + "\n" for line in (lines or self.lines)).encode("utf-8", "surrogateescape")
         session = M.Session(cfg, self.path(CORPUS), self.path(DB), self.path(CKPT), seed=0, pool=M.Pool(0, 0))
+        threads, real = [], M.read_lines
+
+        def read_lines(loop, queue, interactive, go):      # remembered, to be let go after the chat
+            threads.append((M.threading.current_thread(), go))
+            real(loop, queue, interactive, go)
         try:
-            with quiet(data) as q:
+            with quiet(data) as q, mock.patch.object(M, "read_lines", read_lines):
                 try:
                     M.asyncio.run(M.chat(session, interactive=False, train=False))
                 finally:
                     self.output = q.output()
+                    for thread, go in threads:              # after /quit it waits for a turn that never comes;
+                        while thread.is_alive():            # one process runs thousands of chats
+                            go.set()
+                            thread.join(0.05)
         finally:
             session.close()
         M.Brain.load_or_fresh(self.path(CKPT), cfg)                  # what the exit saved loads again

@@ -155,6 +155,18 @@ class GraphTest(unittest.TestCase):
                 self.assertAlmostEqual(got[i][j], sum(a * b for a, b in zip(X[i], W[j])), places=11)
 
 
+    def test_matmul_kernel_overflows_to_inf_not_an_exception(self):
+        # a damaged checkpoint's weights can reach 1e200; float ** 2 raised OverflowError there
+        got = M.matmul_nt([[1e200, 1.0]], [[1e200, 2.0], [1.0, 1.0]])
+        self.assertFalse(math.isfinite(got[0][0]))
+        h, n = M.prepare_row([1e200, 0.0])                 # the generation path: no exception either
+        self.assertEqual(len(M.dots([1.0, 1.0], [h], [n])), 1)
+
+    def test_rms_of_huge_rows_is_not_an_exception(self):
+        # a checkpoint claiming the wrong byteorder loads weights near 1e200; sumsq's ** 2 raised there
+        self.assertEqual(M.sumsq([1e200, 0.0]), float("inf"))
+        self.assertEqual(M.rms_scale([1e200, 1.0]), 0.0)
+
     def test_fixed_point_kernel_within_its_error_bound(self):
         rng = random.Random(4)
         for M_rows, k in ((1, 1), (7, 72), (40, 288), (3, 5)):

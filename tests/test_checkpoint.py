@@ -69,6 +69,63 @@ class CheckpointTest(unittest.TestCase):
         with self.assertRaisesRegex(M.CheckpointError, "body is not valid JSON"):
             M.parse_checkpoint(raw + body)
 
+    def body_with(self, change):
+        save_checkpoint(self.path, self.model, self.opt, 1)
+        body = M.read_checkpoint(self.path)
+        change(body)
+        return body
+
+    def test_config_that_is_not_an_object_is_refused_in_one_line(self):
+        body = self.body_with(lambda b: b.update(config="a\nb"))
+        with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete"):
+            M.restore_checkpoint(body)
+
+    def test_random_state_out_of_range_is_refused_in_one_line(self):
+        for word in (-1, 2 ** 64):                         # setstate takes 32-bit words only
+            body = self.body_with(lambda b: b["rng"][1].__setitem__(5, word))
+            with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete"):
+                M.restore_checkpoint(body)
+
+    def test_progress_of_the_wrong_kind_is_refused_in_one_line(self):
+        brain = M.Brain.fresh(tiny_config())
+        brain.progress.heldout = M.Heldout(4.0, 3.0, 2.5, 0.5, 100, 300.0)
+        good = M.parse_checkpoint(brain.to_bytes())
+        for key, value in (("loss", []), ("idle_phases", "3"), ("warmup_done", 1), ("lam", float("nan")),
+                           ("heldout", dict(good["extra"]["progress"]["heldout"], mix_bpb=""))):
+            body = M.parse_checkpoint(brain.to_bytes())
+            body["extra"]["progress"][key] = value
+            with self.assertRaisesRegex(M.CheckpointError, "checkpoint progress is damaged"):
+                M.Brain.from_body(body)
+        self.assertEqual(M.Brain.from_body(good).progress, brain.progress)
+
+    def test_extra_parts_of_the_wrong_kind_are_refused_in_one_line(self):
+        good = M.parse_checkpoint(M.Brain.fresh(tiny_config()).to_bytes())
+        for change in (lambda b: b.update(extra=False), lambda b: b["extra"].update(tokenizer=[1]),
+                       lambda b: b["extra"].update(progress=["abc"]), lambda b: b["extra"].update(progress=7)):
+            body = M.json.loads(M.json.dumps(good))
+            change(body)
+            with self.assertRaisesRegex(M.CheckpointError, "no tokenizer state|progress is damaged"):
+                M.Brain.from_body(body)
+
+    def test_sizes_beyond_the_stored_weights_are_refused_before_allocating(self):
+        real_zeros = M.zeros
+
+        def zeros(rows, cols):                             # vocab_size 10**9 was a MemoryError after 30 s
+            self.assertLessEqual(rows * cols, 10 ** 6, "allocated what the file only claims")
+            return real_zeros(rows, cols)
+        for change in (lambda b: b.update(vocab_size=10 ** 9), lambda b: b["config"].update(n_layer=10 ** 6),
+                       lambda b: b["config"].update(n_embd=10 ** 5), lambda b: b["config"].update(delta_rank=10 ** 7)):
+            body = self.body_with(change)
+            with mock.patch.object(M, "zeros", zeros):
+                with self.assertRaisesRegex(M.CheckpointError, "claim more weights than it holds"):
+                    M.restore_checkpoint(body)
+
+    def test_step_and_alphas_of_the_wrong_kind_are_refused_in_one_line(self):
+        for change in (lambda b: b.update(step="x"), lambda b: b.update(step=None), lambda b: b.update(step=-1),
+                       lambda b: b.update(delta_alphas=[10 ** 400]), lambda b: b.update(delta_alphas=["1"])):
+            with self.assertRaisesRegex(M.CheckpointError, "damaged or incomplete \\(TypeError: (step|a delta alpha) is"):
+                M.restore_checkpoint(self.body_with(change))
+
     def test_future_version_is_refused(self):
         save_checkpoint(self.path, self.model, self.opt, 1)
         with open(self.path, "rb") as f:

@@ -39,9 +39,17 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertRejects("Config.tie_embeddings must be true or false, got 1", tie_embeddings=1)
         self.assertEqual(Config(lr=1).lr, 1)                      # an integer is a number
 
+    def test_an_integer_past_the_float_range_is_not_a_number(self):
+        self.assertRejects("Config.lr must be a finite number, got 1000", lr=10 ** 400)   # was an OverflowError
+        self.assertEqual(Config(top_p=1).top_p, 1)
+
     def test_temperature_factors_must_be_positive(self):
         self.assertRejects("entropy_temp_focus", entropy_temp_focus=0.0)      # divided by in sampling
         self.assertRejects("entropy_temp_boost", entropy_temp_boost=-1.0)
+
+    def test_field_order_is_bounded(self):
+        self.assertRejects("Config.field_order must be at most 16, got 1000", field_order=1000)   # hung the start
+        self.assertEqual(Config(field_order=16).field_order, 16)
 
     def test_field_discount_keeps_probabilities_positive(self):
         self.assertRejects("field_discount", field_discount=1.5)     # gave probabilities down to -0.025
@@ -55,6 +63,17 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertEqual(M.validate_setting(cfg, "top_p", "0.9").top_p, 0.9)
         with self.assertRaisesRegex(M.MacroError, "top_k needs an integer"):
             M.validate_setting(cfg, "top_k", "0.5")
+
+    def test_deeply_nested_config_file_is_one_error(self):
+        import os
+        import tempfile
+        import macrogpt as M
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "config.json")
+            with open(path, "w") as f:
+                f.write('{"top_k": ' + "[" * 100000 + "]" * 100000 + "}")
+            with self.assertRaisesRegex(ConfigError, "cannot read config .*maximum recursion depth"):
+                M.load_config(path)
 
     def test_dict_round_trip(self):
         c = Config(n_layer=3, top_k=7)

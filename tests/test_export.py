@@ -161,6 +161,68 @@ class ExportTest(unittest.TestCase):
             with self.assertRaisesRegex(M.HFError, "tensor a "):
                 M.read_safetensors(path)
 
+    def test_deeply_nested_json_is_refused_in_one_line(self):
+        folder = self.export(brain_with_deltas(tiny_trainer_config(), head_deltas=False))
+        deep = b"[" * 100000 + b"]" * 100000
+        weights = os.path.join(folder, "model.safetensors")
+        with open(weights, "rb") as f:
+            data = f.read()
+        with open(weights, "wb") as f:
+            f.write(struct.pack("<Q", len(deep)) + deep + data)
+        with self.assertRaisesRegex(M.HFError, "header is not JSON"):
+            M.read_safetensors(weights)
+        for name in ("config.json", "tokenizer.json"):
+            with open(os.path.join(folder, name), "rb") as f:
+                good = f.read()
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(deep)
+            with self.assertRaisesRegex(M.HFError, "%s is not JSON" % name):
+                M.brain_from_hf(folder, tiny_trainer_config())
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(good)
+
+    def test_unknown_dtype_is_refused_in_one_line(self):
+        path = self.path("d.safetensors")
+        for dtype in ([], "F\n2", {"a": 1}):
+            text = json.dumps({"a": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}).encode("utf-8")
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + b"\0" * 4)
+            with self.assertRaisesRegex(M.HFError, "tensor a is .*; macrogpt reads") as cm:
+                M.read_safetensors(path)
+            self.assertNotIn("\n", str(cm.exception))
+
+    def test_merge_with_a_newline_is_refused_in_one_line(self):
+        folder = self.export(brain_with_deltas(tiny_trainer_config(), head_deltas=False))
+        path = os.path.join(folder, "tokenizer.json")
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+        tj["model"]["merges"][0] = "\u0120\nd"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(tj, f)
+        with self.assertRaisesRegex(M.HFError, "merge .* does not make the next id") as cm:
+            M.brain_from_hf(folder, tiny_trainer_config())
+        self.assertNotIn("\n", str(cm.exception))
+
+    def test_infinite_shape_is_refused_in_one_line(self):
+        path = self.path("s.safetensors")
+        for shape in ([float("-inf")], [2, float("inf")]):
+            text = json.dumps({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}}).encode("utf-8")
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text + b"\0" * 4)
+            with self.assertRaisesRegex(M.HFError, "tensor a has no valid dtype/shape/data_offsets"):
+                M.read_safetensors(path)
+
+    def test_tensor_name_with_a_newline_is_refused_in_one_line(self):
+        cfg = tiny_trainer_config()
+        folder = self.export(brain_with_deltas(cfg, head_deltas=False))
+        path = os.path.join(folder, "model.safetensors")
+        tensors = [(name, shape, [flat[i:i + shape[-1]] for i in range(0, len(flat), shape[-1])])
+                   for name, (shape, flat) in sorted(M.read_safetensors(path).items())]
+        M.write_safetensors(path, tensors + [("x\n.bias", [1, 2], [[0.0, 0.0]])])   # was named on two lines
+        with self.assertRaisesRegex(M.HFError, "a tensor name holds 'x\\\\n.bias'") as cm:
+            M.brain_from_hf(folder, cfg)
+        self.assertNotIn("\n", str(cm.exception))
+
     def test_lora_export_keeps_deltas_apart_and_adds_up(self):
         cfg = tiny_trainer_config()
         brain = brain_with_deltas(cfg)
@@ -255,6 +317,40 @@ class ExportTest(unittest.TestCase):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(good, f)
         self.assertEqual(M.brain_from_hf(folder, cfg).tok.vocab_size, tj["model"]["vocab"].__len__())
+
+    def test_odd_architectures_and_rope_types_are_refused_in_one_line(self):
+        cfg = tiny_trainer_config()
+        folder = self.export(brain_with_deltas(cfg, head_deltas=False))
+        path = os.path.join(folder, "config.json")
+        with open(path, encoding="utf-8") as f:
+            good = json.load(f)
+        for change, why in ((dict(architectures=0.5), "is a unknown model"),
+                            (dict(architectures=["LlamaFor\nCausalLM"]), "is a 'LlamaFor\\\\nCausalLM' model"),
+                            (dict(architectures=["MistralForCausalLM"]), "is a MistralForCausalLM model"),
+                            (dict(rope_parameters={"rope_type": "\n"}), "uses '\\\\n' RoPE")):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(dict(good, **change), f)
+            with self.assertRaisesRegex(M.HFError, why) as cm:
+                M.brain_from_hf(folder, cfg)
+            self.assertNotIn("\n", str(cm.exception))
+
+    def test_head_dim_of_the_wrong_kind_is_refused_in_one_line(self):
+        cfg = tiny_trainer_config()
+        folder = self.export(brain_with_deltas(cfg, head_deltas=False))
+        path = os.path.join(folder, "config.json")
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+        for head_dim in ({"a": 1}, "8", [8]):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(dict(hf, head_dim=head_dim), f)
+            with self.assertRaisesRegex(M.HFError, "has head_dim"):
+                M.brain_from_hf(folder, cfg)
+
+    def test_a_foreign_pattern_prints_no_warning(self):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                 # Python warns of "[[" as a future set syntax
+            self.assertFalse(M._splits_like_piece_re({"Regex": "[[a-z]x(?:28)]"}))
 
     def test_malformed_files_are_refused_in_one_line(self):
         cfg = tiny_trainer_config(tie_embeddings=False)

@@ -157,6 +157,46 @@ class MemoryFaultTest(unittest.TestCase):
         self.raw("UPDATE state SET value = '5' WHERE key = 'settings'")
         self.assertRefused("state 'settings' holds '5'")
 
+    def test_negative_schema_version_is_refused_at_open(self):
+        self.raw("PRAGMA user_version = -1")
+        self.assertRefused("not a macrogpt database")
+
+    def test_table_name_that_is_not_utf8_is_refused_at_open(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:
+            f.write(data.replace(b"events", b"ev\xccnts", 1))        # the name column of sqlite_master
+        self.assertRefused("is damaged")
+
+    def test_deeply_nested_state_is_refused_at_open(self):
+        self.raw("UPDATE state SET value = '%s' WHERE key = 'settings'" % ("[" * 100000 + "]" * 100000))
+        self.assertRefused("state 'settings' holds")
+
+    def test_corpus_ids_that_are_not_numbers_are_refused_at_open(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:                   # a flipped bit: id is no longer the rowid, reads NULL
+            f.write(data.replace(b"corpus (id INTEGER PRIMARY KEY", b"corpus (id INTEGER PRHMARY KEY"))
+        M.Memory(self.path).close()                        # an empty corpus is fine
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("INSERT INTO corpus (line, source, time) VALUES (x'41', 'seed', 0)")
+        db.close()
+        self.assertRefused("1 corpus ids are not integers")
+
+    def test_damaged_name_with_a_newline_is_refused_in_one_line(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        with open(self.path, "wb") as f:                   # SQLite quotes the broken name in its message
+            f.write(data.replace(b"sqlite_autoindex_corpus_1", b"sqlite_autoindex_cor\nus_1"))
+        with self.assertRaises(M.MemoryStoreError) as cm:
+            M.Memory(self.path)
+        self.assertIn("is damaged", str(cm.exception))
+        self.assertNotIn("\n", str(cm.exception))
+
+    def test_state_integer_past_64_bits_is_refused_at_open(self):
+        self.raw("INSERT INTO state (key, value) VALUES ('burst_mark', '%d')" % 10 ** 40)   # a query parameter later
+        self.assertRefused("state 'burst_mark' holds")
+
     def test_damaged_page_is_refused_at_open(self):
         mem = M.Memory(self.path)
         mem.add_corpus_lines(["line %d %s" % (i, "x" * 200) for i in range(200)], "seed")

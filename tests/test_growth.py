@@ -181,6 +181,10 @@ class RenderGrowthTest(unittest.TestCase):
         self.assertRegex(text, r"10 +step +30")              # a row with nothing to draw adds no step
         self.assertNotIn("1.00", text)                       # nor does a row without a step
 
+    def test_notes_that_are_not_text_mark_nothing(self):
+        rows = [row(10, mix=3.0), row(20, mix=2.5, note=b"burst"), row(30, mix=2.0, note=7)]
+        self.assertIn("burst (1)", M.render_growth(rows))             # the first row's text note only
+
     def test_narrow_terminal_still_fits(self):
         for width in (30, 20, 12, 8, 3):
             text = M.render_growth(sample_rows(), width=width)

@@ -99,6 +99,22 @@ class MemoryTest(unittest.TestCase):
             M.Memory(other)
         self.assertIn("not a macrogpt database", str(ctx.exception))
 
+    def test_texts_edited_by_hand_are_read_and_numbers_refused(self):
+        mem = self.open()
+        mem.add_message("user", "hello")
+        mem.add_corpus_lines(["a line"], "seed")
+        mem.db.execute("UPDATE messages SET text = 'typed by hand'")      # TEXT, not the BLOB we write
+        mem.db.execute("UPDATE corpus SET line = 'édité'")
+        self.assertEqual(mem.recent_messages(5), [("user", "typed by hand")])
+        self.assertEqual(corpus_lines(mem), ["édité"])
+        for number in (4294967296, 1.5):                  # bytes(4294967296) was a 4 GB allocation
+            mem.db.execute("UPDATE messages SET text = ?", (number,))
+            mem.db.execute("UPDATE corpus SET line = ?", (number,))
+            with self.assertRaisesRegex(M.MemoryStoreError, "is damaged \\(a text holds"):
+                mem.recent_messages(5)
+            with self.assertRaisesRegex(M.MemoryStoreError, "is damaged \\(a text holds"):
+                corpus_lines(mem)
+
     def test_failed_transaction_rolls_back(self):
         mem = self.open()
         mem.add_corpus_lines(["keep"], "seed")
