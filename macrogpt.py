@@ -6,14 +6,22 @@ Contract
     the network as held-out evidence says it has earned it.
   * Training runs data-parallel in worker processes, one per core, never in the chat's way.
   * The field also teaches the network: part of each training target is its next-token distribution.
-  * New conversation is learned in bursts by appended low-rank delta adapters over a frozen base;
-    when no burst is due, idle learning rehearses the whole living corpus. Every burst and idle
-    phase is judged on a held-out slice against the best state so far, and rolled back if worse.
+  * New conversation is learned in bursts by appended low-rank delta adapters over the base, which
+    the burst leaves untouched; when no burst is due, idle learning rehearses the whole living
+    corpus. Every burst and idle phase is judged on a held-out slice of whole exchanges against
+    the best state so far, and rolled back if worse.
+  * What the user said is stored and indexed; before each reply the statements that bear on the
+    message are remembered: the network reads them, and a pointer in the voice copies from them.
   * Text is byte-level BPE whose vocabulary only grows; no trained weight is ever invalidated.
   * The network moves to and from the Hugging Face Llama format (--export, --import).
   * Standard library only, CPython 3.7 to 3.13.
 
 Deliberately left out: GPUs, numpy, batching across users, anything that needs a network.
+
+The file reads in four bands, in the order data flows: numerics (Config, kernels, autograd,
+tokenizer, model, optimizer, sampler, the corpus field with mixing and held-out scoring), storage
+(folder lock, checkpoints, SQLite memory), the organism (corpus, brain, pool, trainer) and the
+face (voice, growth chart, progress notes, session, REPL, eval, export, bench, CLI).
 
 Run it:      python macrogpt.py            (see --help)
 Benchmark:   python macrogpt.py --bench
