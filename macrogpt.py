@@ -2012,30 +2012,40 @@ def search_terms(text):
     out = []
     for word in TERM_RE.findall(fold_case(text)):
         for k, part in enumerate(CJK_RE.split(word)):
-            if k % 2 == 0:
-                out.extend([part] if part else [])
-            else:
+            if k % 2 == 1:                             # a run of CJK characters
                 out.extend([part[i:i + 2] for i in range(len(part) - 1)] or [part])
+            elif part:
+                out.append(part)
     return out
 
 
-def _guarded(method):
-    """Memory's one error boundary: an SQLite failure after open (locked past the busy timeout,
-    disk full, a damaged page) becomes one MemoryStoreError; the transaction is rolled back."""
-    @functools.wraps(method)
-    def guarded(self, *args, **kw):
-        try:
-            return method(self, *args, **kw)
-        except sqlite3.Error as e:
-            raise MemoryStoreError("database %s: %s" % (self.path, e)) from None
-    return guarded
+def _guarded(cls):
+    """Memory's one error boundary: an SQLite failure in a public method (locked past the busy
+    timeout, disk full, a damaged page) becomes one MemoryStoreError; the transaction is rolled back."""
+    def guard(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kw):
+            try:
+                return method(self, *args, **kw)
+            except sqlite3.Error as e:
+                raise MemoryStoreError("database %s: %s" % (self.path, e)) from None
+        return guarded
+    for name, method in list(vars(cls).items()):
+        if callable(method) and not name.startswith("_"):
+            setattr(cls, name, guard(method))
+    return cls
 
 
+def _damaged(path, why, fix=""):
+    return MemoryStoreError("%s is damaged (%s); %smove it aside to start a fresh memory "
+                            "(`sqlite3 %s .recover` may save what is left)" % (path, why, fix, path))
+
+
+@_guarded
 class Memory:
     def __init__(self, path):
         self.path = path
-        created = not os.path.exists(path)
-        if created:
+        if not os.path.exists(path):
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as e:
@@ -2055,8 +2065,9 @@ class Memory:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
-            if _is_sqlite_file(path):
-                raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, _damaged_hint(path)))
+            with open(path, "rb") as f:
+                if f.read(16) == b"SQLite format 3\x00":
+                    raise _damaged(path, e)
             raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, e))
         if version > MEMORY_VERSION:
             raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
@@ -2067,50 +2078,39 @@ class Memory:
         try:
             self.db.execute("PRAGMA busy_timeout = 5000")
             self.db.execute("PRAGMA journal_mode = WAL")
-            if version == 0:
-                with self.transaction():
-                    for stmt in SCHEMA.split(";"):
+            if version < MEMORY_VERSION:               # a new file gets the schema, an older one its migrations
+                steps = [SCHEMA.split(";")] if version == 0 else [MIGRATIONS[v] for v in range(version, MEMORY_VERSION)]
+                with self.transaction():               # all at once: a failure leaves the file as it was
+                    for stmt in chain.from_iterable(steps):
                         if stmt.strip():
                             self.db.execute(stmt)
                     self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
-            elif version < MEMORY_VERSION:
-                self._migrate(version)
             self.index = MessageIndex(self.db)
         except sqlite3.Error as e:
             raise MemoryStoreError("cannot use database %s: %s" % (path, e))
 
-    def _migrate(self, version):
-        """All steps from `version` to MEMORY_VERSION in one transaction: a failure leaves the file as it was."""
-        with self.transaction():
-            for v in range(version, MEMORY_VERSION):
-                for stmt in MIGRATIONS[v]:
-                    self.db.execute(stmt)
-            self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
-
     def _check_intact(self, path, tables):
         """Refuse a damaged file at open, before anything is written to it (quick_check: ~2 ms at 20,000 lines)."""
-        hint = _damaged_hint(path)
         try:
             problems = [r[0] for r in self.db.execute("PRAGMA quick_check")]
             missing = sorted(set(re.findall(r"CREATE TABLE (\w+)", SCHEMA)) - tables)
             state = self.db.execute("SELECT key, value FROM state").fetchall() if not missing else []
         except sqlite3.DatabaseError as e:
-            raise MemoryStoreError("%s is damaged (%s); %s" % (path, e, hint))
+            raise _damaged(path, e)
         if problems != ["ok"]:
-            raise MemoryStoreError("%s is damaged (%s); %s" % (path, problems[0].splitlines()[-1], hint))
+            raise _damaged(path, problems[0].splitlines()[-1])
         if missing:
-            raise MemoryStoreError("%s is damaged (table %s is missing); %s" % (path, missing[0], hint))
+            raise _damaged(path, "table %s is missing" % missing[0])
         for key, value in state:
             try:
                 ok = isinstance(json.loads(value), STATE_KINDS.get(key, object))
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise MemoryStoreError("%s is damaged (state %r holds %.40r); delete that row of table state, or %s"
-                                       % (path, key, value, hint))
+                raise _damaged(path, "state %r holds %.40r" % (key, value), "delete that row of table state, or ")
 
     def transaction(self):
-        return _Transaction(self.db)
+        return _transaction(self.db)
 
     def close(self):
         if self.db is not None:
@@ -2118,7 +2118,6 @@ class Memory:
             self.db = None
 
     # -- conversation ------------------------------------------------------------------------
-    @_guarded
     def add_message(self, role, text):
         """Store a message (a user's is indexed for search) -> its id."""
         with self.transaction():
@@ -2128,22 +2127,17 @@ class Memory:
                 self.index.add(i, text)
         return i
 
-    @_guarded
     def recent_messages(self, n):
         rows = self.db.execute("SELECT role, text FROM messages ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [(role, bytes_to_text(bytes(text))) for role, text in reversed(rows)]
 
-    @_guarded
     def search_messages(self, text, k=3, before=None):
-        """The k user statements stored before id `before` that best share terms with text -> [(id, text)]."""
         return self.index.search(text, k, before)
 
-    @_guarded
     def message_count(self):
         return self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
 
     # -- living corpus -----------------------------------------------------------------------
-    @_guarded
     def add_corpus_lines(self, lines, source):
         """Insert lines not already present -> [(id, line)] of those that were new, in order."""
         now, added = time.time(), []
@@ -2155,7 +2149,6 @@ class Memory:
                     added.append((cur.lastrowid, line))
         return added
 
-    @_guarded
     def remove_corpus_lines(self, lines):
         """Delete these lines from the corpus if present -> [(id, line)] of those removed.
 
@@ -2170,30 +2163,22 @@ class Memory:
                 self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i, _ in found])
         return found
 
-    @_guarded
     def corpus_rows(self):
-        """[(id, line)] of the whole corpus in id order."""
         return [(i, bytes_to_text(bytes(line))) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
 
-    @_guarded
-    @_guarded
     def corpus_mark(self):
         """The newest corpus id: a burst records it, so a restart knows what is still unlearned."""
         return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM corpus").fetchone()[0]
 
-    @_guarded
     def chat_bytes_after(self, mark):
-        """Bytes of conversation lines stored after corpus id `mark`."""
         return self.db.execute("SELECT COALESCE(SUM(LENGTH(line)), 0) FROM corpus WHERE source = 'chat' AND id > ?",
                                (mark,)).fetchone()[0]
 
-    @_guarded
     def corpus_stats(self):
-        lines, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(line)), 0) FROM corpus").fetchone()
-        chat = self.db.execute("SELECT COUNT(*) FROM corpus WHERE source = 'chat'").fetchone()[0]
+        lines, size, chat = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(line)), 0), "
+                                            "COUNT(CASE WHEN source = 'chat' THEN 1 END) FROM corpus").fetchone()
         return {"lines": lines, "bytes": size, "chat_lines": chat}
 
-    @_guarded
     def prune_corpus(self, ids, why):
         """Delete the corpus lines with these ids and log why, in one transaction."""
         with self.transaction():
@@ -2201,33 +2186,27 @@ class Memory:
             self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, 'prune', ?)", (time.time(), why))
 
     # -- logs and small state ------------------------------------------------------------------
-    @_guarded
     def log_event(self, kind, detail):
         with self.transaction():
             self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, detail))
 
-    @_guarded
     def log_growth(self, **row):
         values = [row.get(k) for k in GROWTH_FIELDS]
         with self.transaction():
             self.db.execute("INSERT INTO growth (time, %s) VALUES (?, %s)" % (", ".join(GROWTH_FIELDS),
                             ", ".join("?" * len(GROWTH_FIELDS))), [time.time()] + values)
 
-    @_guarded
     def growth_rows(self):
         cur = self.db.execute("SELECT %s FROM growth ORDER BY id" % ", ".join(GROWTH_FIELDS))
         return [dict(zip(GROWTH_FIELDS, r)) for r in cur]
 
-    @_guarded
     def rejected_bursts(self):
         return self.db.execute("SELECT COUNT(*) FROM growth WHERE note LIKE 'rejected%'").fetchone()[0]
 
-    @_guarded
     def get_state(self, key, default=None):
         row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
-    @_guarded
     def set_state(self, key, value):
         with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, json.dumps(value)))
@@ -2252,13 +2231,12 @@ class MessageIndex:
         last = ("SELECT COALESCE(MAX(rowid), 0) FROM message_fts" if self.fts
                 else "SELECT COALESCE(MAX(id), 0) FROM message_terms")
         done = self.db.execute(last).fetchone()[0]
-        rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
-                               (done,)).fetchall()
-        rows = [(i, bytes_to_text(bytes(raw))) for i, raw in rows]
-        rows = [(i, text) for i, text in rows if not is_question(text)]
-        if rows:                                       # messages a version without the index stored
-            with _Transaction(self.db):
-                for i, text in rows:
+        rows = [(i, bytes_to_text(bytes(raw))) for i, raw in self.db.execute(
+            "SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id", (done,))]
+        statements = [(i, text) for i, text in rows if not is_question(text)]
+        if statements:                                 # messages a version without the index stored
+            with _transaction(self.db):
+                for i, text in statements:
                     self.add(i, text)
 
     def add(self, i, text):
@@ -2319,32 +2297,16 @@ def same_word(a, b):
     return a == b or (min(len(a), len(b)) >= 4 and (a.startswith(b) or b.startswith(a)))
 
 
-def _is_sqlite_file(path):
-    with open(path, "rb") as f:
-        return f.read(16) == b"SQLite format 3\x00"
-
-
-def _damaged_hint(path):
-    return "move it aside to start a fresh memory (`sqlite3 %s .recover` may save what is left)" % path
-
-
-class _Transaction:
+@contextlib.contextmanager
+def _transaction(db):
     """BEGIN ... COMMIT, or ROLLBACK if the block raises (the connection is in autocommit mode)."""
-
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, value, tb):
-        try:
-            if kind is None:
-                self.db.execute("COMMIT")
-        finally:
-            if self.db.in_transaction:                 # the block raised, or COMMIT failed (disk full)
-                self.db.execute("ROLLBACK")
-        return False
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:                          # the block raised, or COMMIT failed (disk full)
+            db.execute("ROLLBACK")
 
 
 def read_corpus_file(path, what="corpus"):
@@ -2449,7 +2411,6 @@ class Pending:
         return self.novel / max(1, self.grams)
 
     def enough(self, cfg):
-        """Whether there is enough new material for a burst."""
         return self.bytes > 0 and (self.bytes >= cfg.qb_min_bytes or self.novelty >= cfg.qb_min_novelty)
 
 
@@ -2505,13 +2466,13 @@ class Corpus:
         held = set(self.heldout_lines)
         added = self.memory.add_corpus_lines([l for l in lines if l and l not in held], source)
         for i, line in added:
-            ids = self.tok.encode(line)
+            ids, size = self.tok.encode(line), len(text_to_bytes(line))
             if source == "chat":
                 self.pending.novel += self.field.novelty(ids) * (len(ids) + 1)
                 self.pending.grams += len(ids) + 1
-                self.pending.bytes += len(text_to_bytes(line))
+                self.pending.bytes += size
             self.texts[i], self.ids[i] = line, ids
-            self.n_bytes += len(text_to_bytes(line))
+            self.n_bytes += size
             self.field.add(ids)
             self.recall.add(i, line)
             self.lexicon.add(line)
@@ -2537,7 +2498,8 @@ class Corpus:
         """Hand the material waiting for a burst to one -> (where in the stream it begins, the
         mark to pass to mark_learned once the burst is over)."""
         self.pending = Pending()
-        return self.stream_offset(self.burst_mark), self.memory.corpus_mark()
+        offset = 1 + sum(len(ids) + 1 for i, ids in self.ids.items() if i <= self.burst_mark)
+        return offset, self.memory.corpus_mark()
 
     def mark_learned(self, mark):
         """The lines up to corpus id `mark` have had their burst (kept or rolled back)."""
@@ -2629,10 +2591,6 @@ class Corpus:
             j += r1 - r0
         return ids, ws
 
-    def stream_offset(self, mark):
-        """Where in the stream the lines stored after corpus id `mark` begin."""
-        return 1 + sum(len(ids) + 1 for i, ids in self.ids.items() if i <= mark)
-
     def field_probs(self):
         """Field probability of every held-out token, context = the tokens earlier in its line."""
         if self._field_probs is None or self._field_probs[0] != self.version:
@@ -2659,8 +2617,8 @@ class Corpus:
 # ======================================================================================
 # The Brain is the one owner of these five: only its methods replace the model, optimizer
 # and step (one step = one optimizer update) or grow the tokenizer; only the Trainer writes
-# Progress. The workers hold copies, and the trainer takes their weights back when a job's
-# result is accepted.
+# Progress. The trainer holds the accepted brain, which the voice uses and the checkpoint
+# stores; the workers hold copies, whose weights it takes back when a job's result is accepted.
 
 @dataclass
 class Progress:
@@ -2674,9 +2632,6 @@ class Progress:
     tokens_per_s: float = None
     heldout: Heldout = None               # figures of the state the voice uses
     best_nll: float = None                # the best accepted held-out NLL: the forget guard's bar
-
-    def to_dict(self):
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
@@ -2699,11 +2654,8 @@ def bpe_merges_due(cfg, n_bytes, done_chars):
 
 class Brain:
     def __init__(self, model, opt, step, tok, progress):
-        self.model = model
-        self.opt = opt
+        self.model, self.opt, self.tok, self.progress = model, opt, tok, progress
         self.step = step                          # optimizer steps taken (drives the LR schedule)
-        self.tok = tok
-        self.progress = progress                  # Progress
 
     @classmethod
     def fresh(cls, cfg, seed=0):
@@ -2730,13 +2682,12 @@ class Brain:
 
     @classmethod
     def load_or_fresh(cls, path, cfg, seed=0):
-        """The checkpoint at path if there is one, else a newborn brain."""
         if path and os.path.exists(path):
             return cls.from_body(read_checkpoint(path), cfg, seed)
         return cls.fresh(cfg, seed)
 
     def to_bytes(self):
-        extra = {"tokenizer": self.tok.to_dict(), "progress": self.progress.to_dict()}
+        extra = {"tokenizer": self.tok.to_dict(), "progress": asdict(self.progress)}
         return checkpoint_bytes(self.model, self.opt, self.step, extra)
 
     def save(self, path):
@@ -2780,14 +2731,9 @@ LOAD_TIMEOUT = 120.0                      # ... at least, for a load (a new proc
 def sample_starts(n_stream, n, length, rng, recent_from=None):
     """Start offsets of n windows of `length` + 1 tokens in a stream of n_stream tokens; if
     recent_from is set, half of them start there or later."""
-    length = min(length, n_stream - 1)
-    out = []
-    for i in range(n):
-        lo = 0
-        if recent_from is not None and i % 2 == 0:
-            lo = max(0, min(recent_from, n_stream - length - 1))
-        out.append(rng.randint(lo, n_stream - length - 1))
-    return out
+    last = n_stream - min(length, n_stream - 1) - 1         # the last start with room for a window
+    recent = 0 if recent_from is None else max(0, min(recent_from, last))
+    return [rng.randint(recent if i % 2 == 0 else 0, last) for i in range(n)]
 
 
 class Replica:
@@ -3002,7 +2948,7 @@ class Pool:
 
     # -- processes -------------------------------------------------------------------------
     def _start(self, capacity):
-        self._stop()
+        self.close()
         ctx = multiprocessing.get_context("spawn")
         self.capacity = capacity
         self.shared = ctx.RawArray("d", self.n * capacity)
@@ -3016,7 +2962,8 @@ class Pool:
             self.procs.append(p)
             self.conns.append(mine)
 
-    def _stop(self):
+    def close(self):
+        """Stop every worker; returns within about two seconds whatever they are doing."""
         for conn in self.conns:
             try:
                 conn.send((0, op_stop))
@@ -3026,15 +2973,11 @@ class Pool:
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
-                p.kill() if hasattr(p, "kill") else p.terminate()
+                p.kill()
                 p.join(1.0)
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
-
-    def close(self):
-        """Stop every worker; returns within about two seconds whatever they are doing."""
-        self._stop()
 
     def _call(self, messages, timeout=None):
         """Send messages[i] (an op and its arguments) to worker i (None: skip) -> their answers."""
@@ -3056,7 +2999,6 @@ class Pool:
 
     # -- what the trainer asks -------------------------------------------------------------
     def load(self, brain):
-        """Give every worker this brain."""
         raw, n_params = brain.to_bytes(), brain.model.num_params()
         if self.n == 0:
             self.local = Replica(raw, self.seed)
@@ -3096,8 +3038,8 @@ class Pool:
                             for k in range(self.n)])
         per_window = [None] * len(windows)
         for k, part in enumerate(parts):
-            for j, probs in enumerate(part or []):
-                per_window[k + j * self.n] = probs
+            if part:
+                per_window[k::self.n] = part
         return [p for w in per_window for p in w]
 
     def pull(self):
@@ -3110,18 +3052,15 @@ class Pool:
     def recover(self, fallback, reason):
         """After WorkerLost: reload every worker from a survivor's weights, else from the brain
         `fallback`; the pool's step becomes that of the state reloaded."""
-        self.restarts += 1
-        self.last_failure = reason
+        self.restarts, self.last_failure = self.restarts + 1, reason
         self.failures.append(reason)
         raw = None
         for i, p in enumerate(self.procs):
             if p.is_alive():
-                try:
+                with contextlib.suppress(WorkerLost):
                     raw = self._call([(op_to_bytes,) if k == i else None for k in range(self.n)])[i]
                     break
-                except WorkerLost:
-                    continue
-        self._stop()
+        self.close()
         self.load(Brain.from_bytes(raw) if raw else fallback)
 
     def take_failures(self):
@@ -3161,8 +3100,7 @@ class Pool:
         self.stopping.set()
         if self._thread is not None:
             self._thread.join(wait)
-            return not self._thread.is_alive()
-        return True
+        return self._thread is None or not self._thread.is_alive()
 
 
 # ======================================================================================
@@ -3176,12 +3114,7 @@ class Pool:
 # accepted: a burst that is worse by more than forget_tolerance is rolled back, and so is an
 # idle phase that is worse at all, so neither one bad burst nor a slow drift (measured: a 2%
 # allowance let rehearsal drift 2.5% above its best within 20 minutes) wears away what was learned.
-# "Rolled back" means never adopted: after an idle phase not kept the workers train on from it
-# (one phase worse is often noise), and only the third in a row sends them back to the best.
-# Then the trainer rests and tries again as patiently: the best is the luckiest of many noisy
-# phases, so a single phase from it rarely beats it (measured: 35 minutes of rest in an hour).
-# The trainer owns the accepted brain (the one the voice uses and the checkpoint stores) and
-# is the only writer of its Progress.
+# "Rolled back" means never adopted; IdlePatience decides when the workers go back to the best.
 
 WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before the trainer looks up
 IDLE_PATIENCE = 3                         # idle phases rolled back in a row before the trainer rests
@@ -3245,7 +3178,9 @@ def pool_ask(pool, brain, method, *args):
 class IdlePatience:
     """Rehearsal has no new material to excuse a loss, yet a phase not kept may be noise: the
     workers train on from it, and only the IDLE_PATIENCE-th in a row sends them back to the best.
-    Then the trainer rests, longer after each plateau, and tries as patiently again."""
+    Then the trainer rests, longer after each plateau, and tries as patiently again: the best is
+    the luckiest of many noisy phases, so one phase from it rarely beats it (measured: 35 minutes
+    of rest in an hour)."""
 
     def __init__(self, now):
         self.rejects = 0                      # idle phases rolled back in a row
@@ -3255,6 +3190,11 @@ class IdlePatience:
     def train_on(self):
         """Whether the workers go on from a phase if it is not kept."""
         return self.rejects + 1 < IDLE_PATIENCE
+
+    def interrupt(self):
+        """A burst ends the run of idle phases -> whether the workers went on from one not kept."""
+        went_on, self.rejects = self.rejects > 0, 0
+        return went_on
 
     def judged(self, kept, now):
         if kept:
@@ -3280,10 +3220,8 @@ class Trainer:
         (after warmup they belong to a burst or idle phase not yet judged: they are dropped)."""
         if (self.pool.stop() and self.pool.synced and self.pool.step > self.brain.step
                 and not self.brain.progress.warmup_done):
-            try:
+            with contextlib.suppress(WorkerLost):          # no worker left to ask: those steps are lost
                 self.brain.take_weights(Brain.from_bytes(self.pool.pull(), self.cfg, self.seed))
-            except WorkerLost:
-                pass
         self.log_failures()
 
     async def job(self, steps, train_base, recent_from=None, seconds=None, cycle=False):
@@ -3306,7 +3244,6 @@ class Trainer:
             self.memory.log_event("worker", "%s; workers restarted, training goes on" % failure)
 
     async def ask(self, method, *args):
-        """A pool method, in the job thread."""
         return await self.pool.beside(pool_ask, self.pool, self.brain, method, *args)
 
     async def _evidence(self):
@@ -3380,17 +3317,15 @@ class Trainer:
         cfg, self.status = self.cfg, "burst"
         recent, mark = self.corpus.take_pending()
         self.last_burst = self.now()
-        if self.patience.rejects:                      # the workers may hold an idle state not kept
+        if self.patience.interrupt():                  # the workers may hold an idle state not kept
             self.pool.reset(self.brain)
-            self.patience.rejects = 0
         grow = self.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
         if grow:
             await self.ask(self.pool.add_delta)
         await self.job(cfg.micro_steps, not cfg.freeze_base_after_warmup, recent_from=recent)
         self.brain.progress.bursts += 1
-        kept = await self.judge("burst +delta" if grow else "burst", cfg.forget_tolerance)
+        await self.judge("burst +delta" if grow else "burst", cfg.forget_tolerance)
         self.corpus.mark_learned(mark)                 # kept or rolled back, this material is done
-        return kept
 
     async def idle(self):
         """Train the whole network on the whole living corpus; after rollbacks in a row, rest a while."""
@@ -3399,7 +3334,6 @@ class Trainer:
         self.brain.progress.idle_phases += 1
         kept = await self.judge("idle", 0.0, train_on=self.patience.train_on())
         self.patience.judged(kept, self.now())
-        return kept
 
     async def tick(self):
         """One unit of work -> True if something was done."""
