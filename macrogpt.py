@@ -1991,10 +1991,6 @@ GROWTH_FIELDS = ("step", "vocab", "params", "deltas", "loss", "heldout_bpb", "to
                  "network_bpb", "field_bpb")
 STATE_KINDS = {"seed_digest": str, "settings": dict, "burst_mark": int}   # what readers of each key expect
 
-# The message index: what the user said, searchable by words. It is derived data, rebuilt from
-# the messages table whenever it lags behind: FTS5 (ranked by its BM25) where this SQLite has
-# it, else a plain table of (term, message id) ranked by the sum of the shared terms' BM25
-# idf (term frequency taken as 1: messages are short).
 TERM_RE = re.compile(r"[^\W_]+")
 RARE_SHARE = 0.02                         # a term in at most this share of the messages is rare
 CJK_RE = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+)")
@@ -2076,7 +2072,6 @@ class Memory:
         if version:
             self._check_intact(path, tables)
         try:
-            self.db.execute("PRAGMA busy_timeout = 5000")
             self.db.execute("PRAGMA journal_mode = WAL")
             if version < MEMORY_VERSION:               # a new file gets the schema, an older one its migrations
                 steps = [SCHEMA.split(";")] if version == 0 else [MIGRATIONS[v] for v in range(version, MEMORY_VERSION)]
@@ -2149,19 +2144,11 @@ class Memory:
                     added.append((cur.lastrowid, line))
         return added
 
-    def remove_corpus_lines(self, lines):
-        """Delete these lines from the corpus if present -> [(id, line)] of those removed.
-
-        Only reads when none is present, so a start finds nothing to write (and no lock to wait for)."""
-        found = []
-        for line in lines:
-            row = self.db.execute("SELECT id FROM corpus WHERE line = ?", (text_to_bytes(line),)).fetchone()
-            if row:
-                found.append((row[0], line))
-        if found:
-            with self.transaction():
-                self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i, _ in found])
-        return found
+    def corpus_ids(self, lines):
+        """The ids of those of these lines the corpus holds."""
+        rows = [self.db.execute("SELECT id FROM corpus WHERE line = ?", (text_to_bytes(line),)).fetchone()
+                for line in lines]
+        return [row[0] for row in rows if row]
 
     def corpus_rows(self):
         return [(i, bytes_to_text(bytes(line))) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
@@ -2179,11 +2166,11 @@ class Memory:
                                             "COUNT(CASE WHEN source = 'chat' THEN 1 END) FROM corpus").fetchone()
         return {"lines": lines, "bytes": size, "chat_lines": chat}
 
-    def prune_corpus(self, ids, why):
-        """Delete the corpus lines with these ids and log why, in one transaction."""
+    def prune_corpus(self, ids, kind, why):
+        """Delete the corpus lines with these ids and log why (an event of this kind), in one transaction."""
         with self.transaction():
             self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i in ids])
-            self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, 'prune', ?)", (time.time(), why))
+            self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, why))
 
     # -- logs and small state ------------------------------------------------------------------
     def log_event(self, kind, detail):
@@ -2213,11 +2200,13 @@ class Memory:
 
 
 class MessageIndex:
-    """The user's statements, searchable by their words (see search_terms), in one connection."""
+    """The user's statements, searchable by their words (see search_terms), in one connection.
+    Derived data, rebuilt from the messages table whenever it lags behind: FTS5 (ranked by its
+    BM25) where this SQLite has it, else a plain table of (term, message id) ranked by the sum of
+    the shared terms' BM25 idf (term frequency taken as 1: messages are short)."""
 
     def __init__(self, db):
-        """Make the message index current: FTS5 if this SQLite has it, else the term table.
-        Nothing is written when it is (a database another program holds locked still opens)."""
+        """Nothing is written when the index is current (a database another program holds locked still opens)."""
         self.db = db
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
         self.fts = "message_fts" in tables
@@ -2256,7 +2245,7 @@ class MessageIndex:
         sql = "SELECT COUNT(*) FROM message_terms WHERE term = ? AND id < ?"
         return n, {t: self.db.execute(sql, (t, before)).fetchone()[0] for t in terms}
 
-    def search(self, text, k=3, before=None):
+    def search(self, text, k, before):
         """The k user messages stored before id `before` that best share terms with text, best
         first -> [(id, text)]. A message qualifies by sharing a rare term (held by at most
         RARE_SHARE of the messages, or one): sharing "what" and "is" is no reason to recall it;
@@ -2336,12 +2325,6 @@ TEACHER_CACHE_LINES = 6000                # lines whose teacher rows are kept (3
 TEACHER_SLICE_SECONDS = 0.01              # teacher work between two yields to the event loop
 
 
-def is_heldout(line, every):
-    """Whether a seed line is held out: one line in `every`, chosen by a hash of its text."""
-    digest = hashlib.sha256(text_to_bytes(line)).digest()
-    return int.from_bytes(digest[:8], "big") % every == 0
-
-
 def exchanges(lines):
     """Lines in units: an 'H: ' line with the 'A: ' line after it, any other line alone."""
     units, i = [], 0
@@ -2353,19 +2336,13 @@ def exchanges(lines):
 
 
 def split_heldout(lines, every):
-    """-> (training lines, held-out lines), each in file order. An exchange goes one way, chosen
-    by its question, so a held-out answer is scored after its own question."""
+    """-> (training lines, held-out lines), each in file order. One exchange in `every` is held
+    out, chosen by a hash of its question, so a held-out answer is scored after its own question."""
     train, held = [], []
     for unit in exchanges(lines):
-        (held if is_heldout(unit[0], every) else train).extend(unit)
+        digest = hashlib.sha256(text_to_bytes(unit[0])).digest()
+        (held if int.from_bytes(digest[:8], "big") % every == 0 else train).extend(unit)
     return train, held
-
-
-def top_k_distribution(probs, k):
-    """The k likeliest ids of probs, renormalized -> (array of ids, array of weights)."""
-    ids = heapq.nlargest(k, range(len(probs)), key=probs.__getitem__)
-    z = sum(probs[i] for i in ids)
-    return array.array("i", ids), array.array("f", [probs[i] / z for i in ids])
 
 
 def format_turn(role, text):
@@ -2406,12 +2383,9 @@ class Pending:
     grams: int = 0                        # its token n-grams ...
     novel: float = 0.0                    # ... and how many the field had not seen
 
-    @property
-    def novelty(self):
-        return self.novel / max(1, self.grams)
-
     def enough(self, cfg):
-        return self.bytes > 0 and (self.bytes >= cfg.qb_min_bytes or self.novelty >= cfg.qb_min_novelty)
+        novelty = self.novel / max(1, self.grams)
+        return self.bytes > 0 and (self.bytes >= cfg.qb_min_bytes or novelty >= cfg.qb_min_novelty)
 
 
 class Corpus:
@@ -2423,12 +2397,11 @@ class Corpus:
         self.texts, self.ids = {}, {}     # corpus id -> line, and its token ids (ascending ids)
         self.n_bytes = 0
         self.recall, self.lexicon = Recall(), Lexicon()
-        self.field = None
         self._stream = self._field_probs = None
         self.teacher = {}                 # corpus id -> the field's rows for the line (see teach)
-        removed = memory.remove_corpus_lines(self.heldout_lines)   # a changed rule now holds them out
-        if removed:
-            memory.log_event("heldout", "removed %d held-out lines from the training side" % len(removed))
+        held = memory.corpus_ids(self.heldout_lines)    # a changed rule now holds them out
+        if held:                                        # else nothing is written (and no lock waited for)
+            memory.prune_corpus(held, "heldout", "removed %d held-out lines from the training side" % len(held))
         for i, line in memory.corpus_rows():
             self.texts[i] = line
             self.n_bytes += len(text_to_bytes(line))
@@ -2487,7 +2460,7 @@ class Corpus:
             return
         older = list(itertools.islice(self.texts, n - limit // 2))     # ids ascend: the oldest first
         drop = self.rng.sample(older, n - limit)
-        self.memory.prune_corpus(drop, "removed %d of %d corpus lines" % (len(drop), n))
+        self.memory.prune_corpus(drop, "prune", "removed %d of %d corpus lines" % (len(drop), n))
         for i in drop:
             self.n_bytes -= len(text_to_bytes(self.texts.pop(i)))
             self.field.remove(self.ids.pop(i))
@@ -2535,16 +2508,20 @@ class Corpus:
     # line is first sampled, in slices between which the event loop runs, and kept until the
     # tokenizer changes; a line that came later does not update the rows of the lines before it.
     def _teach_line(self, i):
-        ids = self.ids[i]
+        ids, top, weights = self.ids[i], array.array("i"), array.array("f")
         self.field.remove(ids)
         try:
-            rows = [top_k_distribution(self.field.probs(ids[:j]), TEACHER_TOP_K) for j in range(len(ids) + 1)]
+            for j in range(len(ids) + 1):                      # the k likeliest ids, renormalized
+                probs = self.field.probs(ids[:j])
+                best = heapq.nlargest(TEACHER_TOP_K, range(len(probs)), key=probs.__getitem__)
+                z = sum(probs[t] for t in best)
+                top.extend(best)
+                weights.extend(probs[t] / z for t in best)
         finally:
             self.field.add(ids)
         if len(self.teacher) >= TEACHER_CACHE_LINES:
             del self.teacher[next(iter(self.teacher))]          # the oldest rows go first
-        self.teacher[i] = (array.array("i", chain.from_iterable(r[0] for r in rows)),
-                           array.array("f", chain.from_iterable(r[1] for r in rows)))
+        self.teacher[i] = (top, weights)
 
     async def teach(self, stream, batches, length):
         """The field's rows for windows of `length` + 1 tokens at the start offsets in batches ->
@@ -2555,31 +2532,29 @@ class Corpus:
             return None
         spans = [[self._spans(starts, keys, len(stream), s, length) for s in batch] for batch in batches]
         t0 = time.perf_counter()
-        for i in {i for batch in spans for window in batch for i, _, _ in window}:
+        for i in {span[0] for batch in spans for window in batch for span in window}:
             if i not in self.teacher and i in self.ids:
                 self._teach_line(i)
                 if time.perf_counter() - t0 > TEACHER_SLICE_SECONDS:
                     await asyncio.sleep(0)
                     t0 = time.perf_counter()
-        return [[self._rows(window, stream, start) for window, start in zip(batch, starts_of)]
-                for batch, starts_of in zip(spans, batches)]
+        return [[self._rows(window, stream) for window in batch] for batch in spans]
 
     @staticmethod
     def _spans(starts, keys, end, start, length):
-        """The lines a window predicts: [(corpus id, first row, last row + 1)] in stream order."""
+        """The lines a window predicts: [(corpus id, stream position, first row, last row + 1)] in stream order."""
         out, j, stop = [], start + 1, min(end, start + length + 1)
         n = bisect.bisect_right(starts, j) - 1
         while j < stop:
             line_end = starts[n + 1] if n + 1 < len(starts) else end
             r1 = min(stop, line_end)
-            out.append((keys[n], j - starts[n], r1 - starts[n]))
+            out.append((keys[n], j, j - starts[n], r1 - starts[n]))
             j, n = r1, n + 1
         return out
 
-    def _rows(self, window, stream, start):
+    def _rows(self, window, stream):
         k, ids, ws = TEACHER_TOP_K, array.array("i"), array.array("f")
-        j = start + 1
-        for i, r0, r1 in window:
+        for i, j, r0, r1 in window:
             rows = self.teacher.get(i)
             if rows is None:                                   # pruned meanwhile: the truth, weight 1
                 for t in stream[j:j + r1 - r0]:
@@ -2588,7 +2563,6 @@ class Corpus:
             else:
                 ids.extend(rows[0][r0 * k:r1 * k])
                 ws.extend(rows[1][r0 * k:r1 * k])
-            j += r1 - r0
         return ids, ws
 
     def field_probs(self):
@@ -2699,6 +2673,13 @@ class Brain:
         self.model.grow_vocab(self.tok.vocab_size)
         return added
 
+    def update(self, lr):
+        """One optimizer step with the gradients the model holds."""
+        with _NoCycleCollection():
+            self.opt.update(self.model.named_params(), lr)
+        self.model.touch()
+        self.step += 1
+
     def take_weights(self, other):
         """Adopt another copy's model, optimizer and step; tokenizer and progress stay ours."""
         assert other.tok.vocab_size == self.tok.vocab_size
@@ -2709,19 +2690,17 @@ class Brain:
 # Pool: data-parallel training on every core, each worker holding a replica of the brain.
 # ======================================================================================
 # The brain is sent to the workers once, and again only after something outside changed it
-# (BPE growth, a new delta, a rollback). Each step the pool cuts the batch into one shard
-# per worker. Every worker writes the gradient of its shard, weighted by the shard's share
-# of the batch's tokens, into its own slot of a shared array; then each worker sums all
-# slots in the same order and applies the same Adam update, so the replicas stay
-# bit-identical and no weights cross a process boundary. With no worker processes the same
-# Replica runs in the chat process (tests, and a machine where spawning fails).
+# (BPE growth, a new delta, a rollback). Each step every worker writes the gradient of its
+# shard of the batch, weighted by the shard's share of the tokens, into its own slot of a
+# shared array; then each sums all slots in the same order and applies the same Adam update,
+# so the replicas stay bit-identical and no weights cross a process boundary. With no worker
+# processes the same Replica runs in the chat process (tests, or where spawning fails).
 #
-# A message to a worker names one of the WORKER_OPS functions, which the worker calls.
-# A worker that dies or hangs costs the step in flight: the pool notices (its pipe closes,
-# or it misses a generous deadline), takes the weights from a surviving worker (or from the
-# trainer's brain), restarts the workers and goes on. Jobs run in a thread beside the event
-# loop, so the prompt never waits; workers run at a lower priority than the chat process
-# and leave when their parent is gone.
+# A message to a worker names one of the WORKER_OPS functions. A worker that dies or hangs
+# costs the step in flight: the pool notices (its pipe closes, or it misses a generous
+# deadline), reloads the workers from a survivor (or from the trainer's brain) and goes on.
+# Jobs run in a thread beside the event loop, so the prompt never waits; workers run at a
+# lower priority than the chat process and leave when their parent is gone.
 
 WORKER_NICE = 10                          # workers yield the CPU to the chat process
 WORKER_TIMEOUT = 600.0                    # seconds without an answer before a worker counts as hung
@@ -2773,10 +2752,7 @@ class Replica:
             cols = len(p.data[0])
             p.grad = [flat[o + r * cols:o + (r + 1) * cols] for r in range(len(p.data))]
             o += len(p.data) * cols
-        with _NoCycleCollection():
-            self.brain.opt.update(self.brain.model.named_params(), lr)
-        self.brain.model.touch()
-        self.brain.step += 1
+        self.brain.update(lr)
 
     def grad_size(self, train_base):
         return sum(len(p.data) * len(p.data[0]) for p in self.trainable(train_base))
@@ -2866,10 +2842,8 @@ def _worker_main(conn, shared, slot, capacity, seed):
         os.nice(WORKER_NICE)
     parent = os.getppid()
     w = WorkerSlot(memoryview(shared).cast("B").cast("d"), slot, capacity, seed)
-    while True:
+    while os.getppid() == parent:                      # else the parent died (kill -9): leave with it
         if not conn.poll(1.0):
-            if os.getppid() != parent:                 # the parent died (kill -9): leave with it
-                return
             continue
         try:
             seq, op, *args = conn.recv()
@@ -2928,18 +2902,15 @@ def _gather(conns, procs, seq, waiting, timeout):
 
 
 class Pool:
-    """n worker processes that train one brain together; n = 0 runs a Replica in this process.
-
-    The pool's `step` counts the optimizer steps its replicas have taken; it runs ahead of the
-    trainer's brain during a job and goes back to it when the trainer resets the pool.
-    """
+    """n worker processes that train one brain together; n = 0 runs a Replica in this process."""
 
     def __init__(self, n, seed=0):
         self.n, self.seed = n, seed
         self.procs, self.conns = [], []
         self.shared, self.capacity = None, 0
         self.local = None                          # the Replica when n = 0
-        self.synced, self.step = False, 0          # whether the replicas hold the brain (plus `step`)
+        self.synced = False                        # whether the replicas hold the brain (plus `step`)
+        self.step = 0                              # the replicas' optimizer steps: ahead of the brain's in a job
         self.restarts, self.last_failure = 0, None  # for /status
         self.failures = []                         # worker failures of the last job, for the event log
         self.seq = 0                               # numbers the calls
@@ -2965,10 +2936,8 @@ class Pool:
     def close(self):
         """Stop every worker; returns within about two seconds whatever they are doing."""
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError):         # that worker is gone already
                 conn.send((0, op_stop))
-            except OSError:
-                pass
         deadline = time.monotonic() + 1.0
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -3087,19 +3056,17 @@ class Pool:
                 outcome = (True, fn(*args))
             except BaseException as e:             # handed to the awaiting task, which logs it
                 outcome = (False, e)
-            try:
+            with contextlib.suppress(RuntimeError):    # the loop closed meanwhile (quitting): nobody waits
                 loop.call_soon_threadsafe(settle, *outcome)
-            except RuntimeError:                   # the loop closed meanwhile (quitting): nobody waits
-                pass
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
         return await fut
 
-    def stop(self, wait=2.0):
-        """Stop after the step in flight -> whether the job thread has finished."""
+    def stop(self):
+        """Stop after the step in flight -> whether the job thread has finished (waits up to 2 s)."""
         self.stopping.set()
         if self._thread is not None:
-            self._thread.join(wait)
+            self._thread.join(2.0)
         return self._thread is None or not self._thread.is_alive()
 
 
@@ -3372,10 +3339,8 @@ DATABASE_RETRY_SECONDS = 30.0             # a trainer that met a database fault 
 
 async def train_forever(trainer, log):
     """The trainer's background task and top-level boundary: it never raises but cancellation.
-
     A database fault (locked by another program, disk full) pauses training and it tries again;
-    any other error is logged and stops training, and the chat goes on without it.
-    """
+    any other error is logged and stops training, and the chat goes on without it."""
     while True:
         try:
             if not await trainer.tick():
