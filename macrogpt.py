@@ -2394,17 +2394,14 @@ class Corpus:
         self.heldout_lines = list(heldout_lines)
         self.rng = random.Random(seed)    # pruning's sample
         self.version = 0                  # bumped on every change; the caches' key
-        self.texts, self.ids = {}, {}     # corpus id -> line, and its token ids (ascending ids)
-        self.n_bytes = 0
         self.recall, self.lexicon = Recall(), Lexicon()
         self._stream = self._field_probs = None
-        self.teacher = {}                 # corpus id -> the field's rows for the line (see teach)
         held = memory.corpus_ids(self.heldout_lines)    # a changed rule now holds them out
         if held:                                        # else nothing is written (and no lock waited for)
             memory.prune_corpus(held, "heldout", "removed %d held-out lines from the training side" % len(held))
-        for i, line in memory.corpus_rows():
-            self.texts[i] = line
-            self.n_bytes += len(text_to_bytes(line))
+        self.texts = dict(memory.corpus_rows())         # corpus id -> line, ascending ids
+        self.n_bytes = sum(len(text_to_bytes(line)) for line in self.texts.values())
+        for i, line in self.texts.items():
             self.recall.add(i, line)
             self.lexicon.add(line)
         self.burst_mark = memory.get_state("burst_mark", 0)      # the last corpus id a burst has learned
@@ -2414,10 +2411,10 @@ class Corpus:
     def reencode(self):
         """Encode every line and the held-out slice with the current tokenizer; rebuild the field."""
         tok = self.tok
-        self.ids = {i: tok.encode(line) for i, line in self.texts.items()}
+        self.ids = {i: tok.encode(line) for i, line in self.texts.items()}      # corpus id -> its token ids
         self.field = NGramField(self.cfg.field_order, tok.vocab_size, self.cfg.field_discount)
         self.field.rebuild(self.ids.values())
-        self.teacher = {}
+        self.teacher = {}                 # corpus id -> the field's rows for the line (see teach)
         # each held-out exchange is a window of its own (the answer read after its question, as
         # the voice reads it); every n-th, so a slice larger than the cap spans the whole file
         units = [[EOS] + [t for line in unit for t in tok.encode(line) + [EOS]] for unit in exchanges(self.heldout_lines)]
@@ -2847,18 +2844,15 @@ def _worker_main(conn, shared, slot, capacity, seed):
             continue
         try:
             seq, op, *args = conn.recv()
-        except (EOFError, OSError):
-            return
-        if op is op_stop:
-            return
-        try:
-            assert op in WORKER_OPS, op
-            answer = (seq, "ok", op(w, *args))
-        except Exception as e:                         # the worker's boundary: report, stay alive
-            answer = (seq, "error", "%s: %s" % (type(e).__name__, e))
-        try:
+            if op is op_stop:
+                return
+            try:
+                assert op in WORKER_OPS, op
+                answer = (seq, "ok", op(w, *args))
+            except Exception as e:                     # the worker's boundary: report, stay alive
+                answer = (seq, "error", "%s: %s" % (type(e).__name__, e))
             conn.send(answer)
-        except OSError:                                # the parent is gone
+        except (EOFError, OSError):                    # the parent is gone
             return
 
 
