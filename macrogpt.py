@@ -2022,10 +2022,6 @@ GROWTH_FIELDS = ("step", "vocab", "params", "deltas", "loss", "heldout_bpb", "to
                  "network_bpb", "field_bpb")
 STATE_KINDS = {"seed_digest": str, "settings": dict, "burst_mark": int}   # what readers of each key expect
 
-# The message index: what the user said, searchable by words. It is derived data, rebuilt from
-# the messages table whenever it lags behind: FTS5 (ranked by its BM25) where this SQLite has
-# it, else a plain table of (term, message id) ranked by the sum of the shared terms' BM25
-# idf (term frequency taken as 1: messages are short).
 TERM_RE = re.compile(r"[^\W_]+")
 RARE_SHARE = 0.02                         # a term in at most this share of the messages is rare
 CJK_RE = re.compile("([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+)")
@@ -2043,10 +2039,10 @@ def search_terms(text):
     out = []
     for word in TERM_RE.findall(fold_case(text)):
         for k, part in enumerate(CJK_RE.split(word)):
-            if k % 2 == 0:
-                out.extend([part] if part else [])
-            else:
+            if k % 2 == 1:                             # a run of CJK characters
                 out.extend([part[i:i + 2] for i in range(len(part) - 1)] or [part])
+            elif part:
+                out.append(part)
     return out
 
 
@@ -2055,23 +2051,33 @@ def _one_line(e):
     return str(e).replace("\n", "\\n")
 
 
-def _guarded(method):
-    """Memory's one error boundary: an SQLite failure after open (locked past the busy timeout,
-    disk full, a damaged page) becomes one MemoryStoreError; the transaction is rolled back."""
-    @functools.wraps(method)
-    def guarded(self, *args, **kw):
-        try:
-            return method(self, *args, **kw)
-        except sqlite3.Error as e:
-            raise MemoryStoreError("database %s: %s" % (self.path, _one_line(e))) from None
-    return guarded
+def _guarded(cls):
+    """Memory's one error boundary: an SQLite failure in a public method (locked past the busy
+    timeout, disk full, a damaged page) becomes one MemoryStoreError; the transaction is rolled back."""
+    def guard(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kw):
+            try:
+                return method(self, *args, **kw)
+            except sqlite3.Error as e:
+                raise MemoryStoreError("database %s: %s" % (self.path, _one_line(e))) from None
+        return guarded
+    for name, method in list(vars(cls).items()):
+        if callable(method) and not name.startswith("_"):
+            setattr(cls, name, guard(method))
+    return cls
 
 
+def _damaged(path, why, fix=""):
+    return MemoryStoreError("%s is damaged (%s); %smove it aside to start a fresh memory "
+                            "(`sqlite3 %s .recover` may save what is left)" % (path, why, fix, path))
+
+
+@_guarded
 class Memory:
     def __init__(self, path):
         self.path = path
-        created = not os.path.exists(path)
-        if created:
+        if not os.path.exists(path):
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as e:
@@ -2091,8 +2097,9 @@ class Memory:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except (sqlite3.DatabaseError, UnicodeDecodeError) as e:   # a damaged byte in a table's name
-            if _is_sqlite_file(path):
-                raise MemoryStoreError("%s is damaged (%s); %s" % (path, _one_line(e), _damaged_hint(path)))
+            with open(path, "rb") as f:
+                if f.read(16) == b"SQLite format 3\x00":
+                    raise _damaged(path, _one_line(e))
             raise MemoryStoreError("%s is not a macrogpt database (%s); move it aside or pass --db" % (path, _one_line(e)))
         if version > MEMORY_VERSION:
             raise MemoryStoreError("%s was written by a newer macrogpt (schema %d > %d)" % (path, version, MEMORY_VERSION))
@@ -2101,31 +2108,20 @@ class Memory:
         if version:
             self._check_intact(path, tables)
         try:
-            self.db.execute("PRAGMA busy_timeout = 5000")
             self.db.execute("PRAGMA journal_mode = WAL")
-            if version == 0:
-                with self.transaction():
-                    for stmt in SCHEMA.split(";"):
+            if version < MEMORY_VERSION:               # a new file gets the schema, an older one its migrations
+                steps = [SCHEMA.split(";")] if version == 0 else [MIGRATIONS[v] for v in range(version, MEMORY_VERSION)]
+                with self.transaction():               # all at once: a failure leaves the file as it was
+                    for stmt in chain.from_iterable(steps):
                         if stmt.strip():
                             self.db.execute(stmt)
                     self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
-            elif version < MEMORY_VERSION:
-                self._migrate(version)
-            self.index = MessageIndex(self.db)
+            self.index = MessageIndex(self.db, self._text)
         except sqlite3.Error as e:
             raise MemoryStoreError("cannot use database %s: %s" % (path, _one_line(e)))
 
-    def _migrate(self, version):
-        """All steps from `version` to MEMORY_VERSION in one transaction: a failure leaves the file as it was."""
-        with self.transaction():
-            for v in range(version, MEMORY_VERSION):
-                for stmt in MIGRATIONS[v]:
-                    self.db.execute(stmt)
-            self.db.execute("PRAGMA user_version = %d" % MEMORY_VERSION)
-
     def _check_intact(self, path, tables):
         """Refuse a damaged file at open, before anything is written to it (quick_check: ~2 ms at 20,000 lines)."""
-        hint = _damaged_hint(path)
         try:
             problems = [r[0] for r in self.db.execute("PRAGMA quick_check")]
             missing = sorted(set(re.findall(r"CREATE TABLE (\w+)", SCHEMA)) - tables)
@@ -2133,13 +2129,13 @@ class Memory:
             odd_ids = 0 if missing else self.db.execute(
                 "SELECT COUNT(*) FROM corpus WHERE typeof(id) != 'integer'").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise MemoryStoreError("%s is damaged (%s); %s" % (path, _one_line(e), hint))
+            raise _damaged(path, _one_line(e))
         if problems != ["ok"]:
-            raise MemoryStoreError("%s is damaged (%s); %s" % (path, problems[0].splitlines()[-1], hint))
+            raise _damaged(path, problems[0].splitlines()[-1])
         if missing:
-            raise MemoryStoreError("%s is damaged (table %s is missing); %s" % (path, missing[0], hint))
+            raise _damaged(path, "table %s is missing" % missing[0])
         if odd_ids:                                    # an edited schema: id is no longer the row's number
-            raise MemoryStoreError("%s is damaged (%d corpus ids are not integers); %s" % (path, odd_ids, hint))
+            raise _damaged(path, "%d corpus ids are not integers" % odd_ids)
         for key, value in state:
             try:
                 loaded = json.loads(value)
@@ -2148,11 +2144,10 @@ class Memory:
             except (TypeError, ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
                 ok = False
             if not ok:
-                raise MemoryStoreError("%s is damaged (state %r holds %.40r); delete that row of table state, or %s"
-                                       % (path, key, value, hint))
+                raise _damaged(path, "state %r holds %.40r" % (key, value), "delete that row of table state, or ")
 
     def transaction(self):
-        return _Transaction(self.db)
+        return _transaction(self.db)
 
     def close(self):
         if self.db is not None:
@@ -2164,11 +2159,10 @@ class Memory:
         if isinstance(value, str):
             return value
         if not isinstance(value, bytes):
-            raise MemoryStoreError("%s is damaged (a text holds %.40r); %s" % (self.path, value, _damaged_hint(self.path)))
+            raise _damaged(self.path, "a text holds %.40r" % (value,))
         return bytes_to_text(value)
 
     # -- conversation ------------------------------------------------------------------------
-    @_guarded
     def add_message(self, role, text):
         """Store a message (a user's is indexed for search) -> its id."""
         with self.transaction():
@@ -2178,22 +2172,17 @@ class Memory:
                 self.index.add(i, text)
         return i
 
-    @_guarded
     def recent_messages(self, n):
         rows = self.db.execute("SELECT role, text FROM messages ORDER BY id DESC LIMIT ?", (n,)).fetchall()
         return [(role, self._text(text)) for role, text in reversed(rows)]
 
-    @_guarded
     def search_messages(self, text, k=3, before=None):
-        """The k user statements stored before id `before` that best share terms with text -> [(id, text)]."""
         return self.index.search(text, k, before)
 
-    @_guarded
     def message_count(self):
         return self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
 
     # -- living corpus -----------------------------------------------------------------------
-    @_guarded
     def add_corpus_lines(self, lines, source):
         """Insert lines not already present -> [(id, line)] of those that were new, in order."""
         now, added = time.time(), []
@@ -2205,91 +2194,72 @@ class Memory:
                     added.append((cur.lastrowid, line))
         return added
 
-    @_guarded
-    def remove_corpus_lines(self, lines):
-        """Delete these lines from the corpus if present -> [(id, line)] of those removed.
+    def corpus_ids(self, lines):
+        """The ids of those of these lines the corpus holds."""
+        rows = [self.db.execute("SELECT id FROM corpus WHERE line = ?", (text_to_bytes(line),)).fetchone()
+                for line in lines]
+        return [row[0] for row in rows if row]
 
-        Only reads when none is present, so a start finds nothing to write (and no lock to wait for)."""
-        found = []
-        for line in lines:
-            row = self.db.execute("SELECT id FROM corpus WHERE line = ?", (text_to_bytes(line),)).fetchone()
-            if row:
-                found.append((row[0], line))
-        if found:
-            with self.transaction():
-                self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i, _ in found])
-        return found
-
-    @_guarded
     def corpus_rows(self):
         """[(id, line)] of the whole corpus in id order."""
         return [(i, self._text(line)) for i, line in self.db.execute("SELECT id, line FROM corpus ORDER BY id")]
 
-    @_guarded
-    @_guarded
     def corpus_mark(self):
         """The newest corpus id: a burst records it, so a restart knows what is still unlearned."""
         return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM corpus").fetchone()[0]
 
-    @_guarded
     def chat_bytes_after(self, mark):
-        """Bytes of conversation lines stored after corpus id `mark`."""
         return self.db.execute("SELECT COALESCE(SUM(LENGTH(line)), 0) FROM corpus WHERE source = 'chat' AND id > ?",
                                (mark,)).fetchone()[0]
 
-    @_guarded
     def corpus_stats(self):
-        lines, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(line)), 0) FROM corpus").fetchone()
-        chat = self.db.execute("SELECT COUNT(*) FROM corpus WHERE source = 'chat'").fetchone()[0]
+        lines, size, chat = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(line)), 0), "
+                                            "COUNT(CASE WHEN source = 'chat' THEN 1 END) FROM corpus").fetchone()
         return {"lines": lines, "bytes": size, "chat_lines": chat}
 
-    @_guarded
-    def prune_corpus(self, ids, why):
-        """Delete the corpus lines with these ids and log why, in one transaction."""
+    def prune_corpus(self, ids, kind, why):
+        """Delete the corpus lines with these ids and log why (an event of this kind), in one transaction."""
         with self.transaction():
             self.db.executemany("DELETE FROM corpus WHERE id = ?", [(i,) for i in ids])
-            self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, 'prune', ?)", (time.time(), why))
+            self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, why))
 
     # -- logs and small state ------------------------------------------------------------------
-    @_guarded
     def log_event(self, kind, detail):
         with self.transaction():
             self.db.execute("INSERT INTO events (time, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, detail))
 
-    @_guarded
     def log_growth(self, **row):
         values = [row.get(k) for k in GROWTH_FIELDS]
         with self.transaction():
             self.db.execute("INSERT INTO growth (time, %s) VALUES (?, %s)" % (", ".join(GROWTH_FIELDS),
                             ", ".join("?" * len(GROWTH_FIELDS))), [time.time()] + values)
 
-    @_guarded
     def growth_rows(self):
         cur = self.db.execute("SELECT %s FROM growth ORDER BY id" % ", ".join(GROWTH_FIELDS))
         return [dict(zip(GROWTH_FIELDS, r)) for r in cur]
 
-    @_guarded
     def rejected_bursts(self):
         return self.db.execute("SELECT COUNT(*) FROM growth WHERE note LIKE 'rejected%'").fetchone()[0]
 
-    @_guarded
     def get_state(self, key, default=None):
         row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
-    @_guarded
     def set_state(self, key, value):
         with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
 
 class MessageIndex:
-    """The user's statements, searchable by their words (see search_terms), in one connection."""
+    """The user's statements, searchable by their words (see search_terms), in one connection.
+    Derived data, rebuilt from the messages table whenever it lags behind: FTS5 (ranked by its
+    BM25) where this SQLite has it, else a plain table of (term, message id) ranked by the sum of
+    the shared terms' BM25 idf (term frequency taken as 1: messages are short)."""
 
-    def __init__(self, db):
-        """Make the message index current: FTS5 if this SQLite has it, else the term table.
-        Nothing is written when it is (a database another program holds locked still opens)."""
-        self.db = db
+    def __init__(self, db, text_of):
+        """Nothing is written when the index is current (a database another program holds locked
+        still opens). text_of: a stored text -> str (Memory._text)."""
+        self.db, self.text_of = db, text_of
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
         self.fts = "message_fts" in tables
         if not tables & {"message_fts", "message_terms"}:
@@ -2302,13 +2272,12 @@ class MessageIndex:
         last = ("SELECT COALESCE(MAX(rowid), 0) FROM message_fts" if self.fts
                 else "SELECT COALESCE(MAX(id), 0) FROM message_terms")
         done = self.db.execute(last).fetchone()[0]
-        rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? ORDER BY id",
-                               (done,)).fetchall()
-        rows = [(i, bytes_to_text(bytes(raw))) for i, raw in rows]
-        rows = [(i, text) for i, text in rows if not is_question(text)]
-        if rows:                                       # messages a version without the index stored
-            with _Transaction(self.db):
-                for i, text in rows:
+        rows = self.db.execute("SELECT id, text FROM messages WHERE role = 'user' AND id > ? AND typeof(text) IN "
+                               "('blob', 'text') ORDER BY id", (done,))    # a number is damage, refused when read
+        statements = [(i, text) for i, text in ((i, text_of(raw)) for i, raw in rows) if not is_question(text)]
+        if statements:                                 # messages a version without the index stored
+            with _transaction(self.db):
+                for i, text in statements:
                     self.add(i, text)
 
     def add(self, i, text):
@@ -2328,7 +2297,7 @@ class MessageIndex:
         sql = "SELECT COUNT(*) FROM message_terms WHERE term = ? AND id < ?"
         return n, {t: self.db.execute(sql, (t, before)).fetchone()[0] for t in terms}
 
-    def search(self, text, k=3, before=None):
+    def search(self, text, k, before):
         """The k user messages stored before id `before` that best share terms with text, best
         first -> [(id, text)]. A message qualifies by sharing a rare term (held by at most
         RARE_SHARE of the messages, or one): sharing "what" and "is" is no reason to recall it;
@@ -2356,7 +2325,7 @@ class MessageIndex:
         rows = dict(self.db.execute("SELECT id, text FROM messages WHERE id IN (%s)" % ",".join("?" * len(ids)), ids))
         found = []
         for i in ids:
-            line = bytes_to_text(bytes(rows[i]))
+            line = self.text_of(rows[i])
             unasked = {t for t in search_terms(line) if not any(same_word(t, a) for a in asked)}
             counts = self._term_counts(sorted(unasked), before)[1]
             if sum(1 for t in unasked if counts[t] <= max(1, RARE_SHARE * n)) <= 1:
@@ -2369,32 +2338,16 @@ def same_word(a, b):
     return a == b or (min(len(a), len(b)) >= 4 and (a.startswith(b) or b.startswith(a)))
 
 
-def _is_sqlite_file(path):
-    with open(path, "rb") as f:
-        return f.read(16) == b"SQLite format 3\x00"
-
-
-def _damaged_hint(path):
-    return "move it aside to start a fresh memory (`sqlite3 %s .recover` may save what is left)" % path
-
-
-class _Transaction:
+@contextlib.contextmanager
+def _transaction(db):
     """BEGIN ... COMMIT, or ROLLBACK if the block raises (the connection is in autocommit mode)."""
-
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, value, tb):
-        try:
-            if kind is None:
-                self.db.execute("COMMIT")
-        finally:
-            if self.db.in_transaction:                 # the block raised, or COMMIT failed (disk full)
-                self.db.execute("ROLLBACK")
-        return False
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:                          # the block raised, or COMMIT failed (disk full)
+            db.execute("ROLLBACK")
 
 
 def read_corpus_file(path, what="corpus"):
@@ -2424,12 +2377,6 @@ TEACHER_CACHE_LINES = 6000                # lines whose teacher rows are kept (3
 TEACHER_SLICE_SECONDS = 0.01              # teacher work between two yields to the event loop
 
 
-def is_heldout(line, every):
-    """Whether a seed line is held out: one line in `every`, chosen by a hash of its text."""
-    digest = hashlib.sha256(text_to_bytes(line)).digest()
-    return int.from_bytes(digest[:8], "big") % every == 0
-
-
 def exchanges(lines):
     """Lines in units: an 'H: ' line with the 'A: ' line after it, any other line alone."""
     units, i = [], 0
@@ -2441,19 +2388,13 @@ def exchanges(lines):
 
 
 def split_heldout(lines, every):
-    """-> (training lines, held-out lines), each in file order. An exchange goes one way, chosen
-    by its question, so a held-out answer is scored after its own question."""
+    """-> (training lines, held-out lines), each in file order. One exchange in `every` is held
+    out, chosen by a hash of its question, so a held-out answer is scored after its own question."""
     train, held = [], []
     for unit in exchanges(lines):
-        (held if is_heldout(unit[0], every) else train).extend(unit)
+        digest = hashlib.sha256(text_to_bytes(unit[0])).digest()
+        (held if int.from_bytes(digest[:8], "big") % every == 0 else train).extend(unit)
     return train, held
-
-
-def top_k_distribution(probs, k):
-    """The k likeliest ids of probs, renormalized -> (array of ids, array of weights)."""
-    ids = heapq.nlargest(k, range(len(probs)), key=probs.__getitem__)
-    z = sum(probs[i] for i in ids)
-    return array.array("i", ids), array.array("f", [probs[i] / z for i in ids])
 
 
 def format_turn(role, text):
@@ -2494,13 +2435,9 @@ class Pending:
     grams: int = 0                        # its token n-grams ...
     novel: float = 0.0                    # ... and how many the field had not seen
 
-    @property
-    def novelty(self):
-        return self.novel / max(1, self.grams)
-
     def enough(self, cfg):
-        """Whether there is enough new material for a burst."""
-        return self.bytes > 0 and (self.bytes >= cfg.qb_min_bytes or self.novelty >= cfg.qb_min_novelty)
+        novelty = self.novel / max(1, self.grams)
+        return self.bytes > 0 and (self.bytes >= cfg.qb_min_bytes or novelty >= cfg.qb_min_novelty)
 
 
 class Corpus:
@@ -2509,18 +2446,14 @@ class Corpus:
         self.heldout_lines = list(heldout_lines)
         self.rng = random.Random(seed)    # pruning's sample
         self.version = 0                  # bumped on every change; the caches' key
-        self.texts, self.ids = {}, {}     # corpus id -> line, and its token ids (ascending ids)
-        self.n_bytes = 0
         self.recall, self.lexicon = Recall(), Lexicon()
-        self.field = None
         self._stream = self._field_probs = None
-        self.teacher = {}                 # corpus id -> the field's rows for the line (see teach)
-        removed = memory.remove_corpus_lines(self.heldout_lines)   # a changed rule now holds them out
-        if removed:
-            memory.log_event("heldout", "removed %d held-out lines from the training side" % len(removed))
-        for i, line in memory.corpus_rows():
-            self.texts[i] = line
-            self.n_bytes += len(text_to_bytes(line))
+        held = memory.corpus_ids(self.heldout_lines)    # a changed rule now holds them out
+        if held:                                        # else nothing is written (and no lock waited for)
+            memory.prune_corpus(held, "heldout", "removed %d held-out lines from the training side" % len(held))
+        self.texts = dict(memory.corpus_rows())         # corpus id -> line, ascending ids
+        self.n_bytes = sum(len(text_to_bytes(line)) for line in self.texts.values())
+        for i, line in self.texts.items():
             self.recall.add(i, line)
             self.lexicon.add(line)
         self.burst_mark = memory.get_state("burst_mark", 0)      # the last corpus id a burst has learned
@@ -2530,10 +2463,10 @@ class Corpus:
     def reencode(self):
         """Encode every line and the held-out slice with the current tokenizer; rebuild the field."""
         tok = self.tok
-        self.ids = {i: tok.encode(line) for i, line in self.texts.items()}
+        self.ids = {i: tok.encode(line) for i, line in self.texts.items()}      # corpus id -> its token ids
         self.field = NGramField(self.cfg.field_order, tok.vocab_size, self.cfg.field_discount)
         self.field.rebuild(self.ids.values())
-        self.teacher = {}
+        self.teacher = {}                 # corpus id -> the field's rows for the line (see teach)
         # each held-out exchange is a window of its own (the answer read after its question, as
         # the voice reads it); every n-th, so a slice larger than the cap spans the whole file
         units = [[EOS] + [t for line in unit for t in tok.encode(line) + [EOS]] for unit in exchanges(self.heldout_lines)]
@@ -2555,13 +2488,13 @@ class Corpus:
         held = set(self.heldout_lines)
         added = self.memory.add_corpus_lines([l for l in lines if l and l not in held], source)
         for i, line in added:
-            ids = self.tok.encode(line)
+            ids, size = self.tok.encode(line), len(text_to_bytes(line))
             if source == "chat":
                 self.pending.novel += self.field.novelty(ids) * (len(ids) + 1)
                 self.pending.grams += len(ids) + 1
-                self.pending.bytes += len(text_to_bytes(line))
+                self.pending.bytes += size
             self.texts[i], self.ids[i] = line, ids
-            self.n_bytes += len(text_to_bytes(line))
+            self.n_bytes += size
             self.field.add(ids)
             self.recall.add(i, line)
             self.lexicon.add(line)
@@ -2576,7 +2509,7 @@ class Corpus:
             return
         older = list(itertools.islice(self.texts, n - limit // 2))     # ids ascend: the oldest first
         drop = self.rng.sample(older, n - limit)
-        self.memory.prune_corpus(drop, "removed %d of %d corpus lines" % (len(drop), n))
+        self.memory.prune_corpus(drop, "prune", "removed %d of %d corpus lines" % (len(drop), n))
         for i in drop:
             self.n_bytes -= len(text_to_bytes(self.texts.pop(i)))
             self.field.remove(self.ids.pop(i))
@@ -2587,7 +2520,8 @@ class Corpus:
         """Hand the material waiting for a burst to one -> (where in the stream it begins, the
         mark to pass to mark_learned once the burst is over)."""
         self.pending = Pending()
-        return self.stream_offset(self.burst_mark), self.memory.corpus_mark()
+        offset = 1 + sum(len(ids) + 1 for i, ids in self.ids.items() if i <= self.burst_mark)
+        return offset, self.memory.corpus_mark()
 
     def mark_learned(self, mark):
         """The lines up to corpus id `mark` have had their burst (kept or rolled back)."""
@@ -2623,16 +2557,20 @@ class Corpus:
     # line is first sampled, in slices between which the event loop runs, and kept until the
     # tokenizer changes; a line that came later does not update the rows of the lines before it.
     def _teach_line(self, i):
-        ids = self.ids[i]
+        ids, top, weights = self.ids[i], array.array("i"), array.array("f")
         self.field.remove(ids)
         try:
-            rows = [top_k_distribution(self.field.probs(ids[:j]), TEACHER_TOP_K) for j in range(len(ids) + 1)]
+            for j in range(len(ids) + 1):                      # the k likeliest ids, renormalized
+                probs = self.field.probs(ids[:j])
+                best = heapq.nlargest(TEACHER_TOP_K, range(len(probs)), key=probs.__getitem__)
+                z = sum(probs[t] for t in best)
+                top.extend(best)
+                weights.extend(probs[t] / z for t in best)
         finally:
             self.field.add(ids)
         if len(self.teacher) >= TEACHER_CACHE_LINES:
             del self.teacher[next(iter(self.teacher))]          # the oldest rows go first
-        self.teacher[i] = (array.array("i", chain.from_iterable(r[0] for r in rows)),
-                           array.array("f", chain.from_iterable(r[1] for r in rows)))
+        self.teacher[i] = (top, weights)
 
     async def teach(self, stream, batches, length):
         """The field's rows for windows of `length` + 1 tokens at the start offsets in batches ->
@@ -2643,31 +2581,29 @@ class Corpus:
             return None
         spans = [[self._spans(starts, keys, len(stream), s, length) for s in batch] for batch in batches]
         t0 = time.perf_counter()
-        for i in {i for batch in spans for window in batch for i, _, _ in window}:
+        for i in {span[0] for batch in spans for window in batch for span in window}:
             if i not in self.teacher and i in self.ids:
                 self._teach_line(i)
                 if time.perf_counter() - t0 > TEACHER_SLICE_SECONDS:
                     await asyncio.sleep(0)
                     t0 = time.perf_counter()
-        return [[self._rows(window, stream, start) for window, start in zip(batch, starts_of)]
-                for batch, starts_of in zip(spans, batches)]
+        return [[self._rows(window, stream) for window in batch] for batch in spans]
 
     @staticmethod
     def _spans(starts, keys, end, start, length):
-        """The lines a window predicts: [(corpus id, first row, last row + 1)] in stream order."""
+        """The lines a window predicts: [(corpus id, stream position, first row, last row + 1)] in stream order."""
         out, j, stop = [], start + 1, min(end, start + length + 1)
         n = bisect.bisect_right(starts, j) - 1
         while j < stop:
             line_end = starts[n + 1] if n + 1 < len(starts) else end
             r1 = min(stop, line_end)
-            out.append((keys[n], j - starts[n], r1 - starts[n]))
+            out.append((keys[n], j, j - starts[n], r1 - starts[n]))
             j, n = r1, n + 1
         return out
 
-    def _rows(self, window, stream, start):
+    def _rows(self, window, stream):
         k, ids, ws = TEACHER_TOP_K, array.array("i"), array.array("f")
-        j = start + 1
-        for i, r0, r1 in window:
+        for i, j, r0, r1 in window:
             rows = self.teacher.get(i)
             if rows is None:                                   # pruned meanwhile: the truth, weight 1
                 for t in stream[j:j + r1 - r0]:
@@ -2676,12 +2612,7 @@ class Corpus:
             else:
                 ids.extend(rows[0][r0 * k:r1 * k])
                 ws.extend(rows[1][r0 * k:r1 * k])
-            j += r1 - r0
         return ids, ws
-
-    def stream_offset(self, mark):
-        """Where in the stream the lines stored after corpus id `mark` begin."""
-        return 1 + sum(len(ids) + 1 for i, ids in self.ids.items() if i <= mark)
 
     def field_probs(self):
         """Field probability of every held-out token, context = the tokens earlier in its line."""
@@ -2709,8 +2640,8 @@ class Corpus:
 # ======================================================================================
 # The Brain is the one owner of these five: only its methods replace the model, optimizer
 # and step (one step = one optimizer update) or grow the tokenizer; only the Trainer writes
-# Progress. The workers hold copies, and the trainer takes their weights back when a job's
-# result is accepted.
+# Progress. The trainer holds the accepted brain, which the voice uses and the checkpoint
+# stores; the workers hold copies, whose weights it takes back when a job's result is accepted.
 
 @dataclass
 class Progress:
@@ -2724,9 +2655,6 @@ class Progress:
     tokens_per_s: float = None
     heldout: Heldout = None               # figures of the state the voice uses
     best_nll: float = None                # the best accepted held-out NLL: the forget guard's bar
-
-    def to_dict(self):
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
@@ -2755,11 +2683,8 @@ def bpe_merges_due(cfg, n_bytes, done_chars):
 
 class Brain:
     def __init__(self, model, opt, step, tok, progress):
-        self.model = model
-        self.opt = opt
+        self.model, self.opt, self.tok, self.progress = model, opt, tok, progress
         self.step = step                          # optimizer steps taken (drives the LR schedule)
-        self.tok = tok
-        self.progress = progress                  # Progress
 
     @classmethod
     def fresh(cls, cfg, seed=0):
@@ -2786,13 +2711,12 @@ class Brain:
 
     @classmethod
     def load_or_fresh(cls, path, cfg, seed=0):
-        """The checkpoint at path if there is one, else a newborn brain."""
         if path and os.path.exists(path):
             return cls.from_body(read_checkpoint(path), cfg, seed)
         return cls.fresh(cfg, seed)
 
     def to_bytes(self):
-        extra = {"tokenizer": self.tok.to_dict(), "progress": self.progress.to_dict()}
+        extra = {"tokenizer": self.tok.to_dict(), "progress": asdict(self.progress)}
         return checkpoint_bytes(self.model, self.opt, self.step, extra)
 
     def save(self, path):
@@ -2804,6 +2728,13 @@ class Brain:
         self.model.grow_vocab(self.tok.vocab_size)
         return added
 
+    def update(self, lr):
+        """One optimizer step with the gradients the model holds."""
+        with _NoCycleCollection():
+            self.opt.update(self.model.named_params(), lr)
+        self.model.touch()
+        self.step += 1
+
     def take_weights(self, other):
         """Adopt another copy's model, optimizer and step; tokenizer and progress stay ours."""
         assert other.tok.vocab_size == self.tok.vocab_size
@@ -2814,19 +2745,17 @@ class Brain:
 # Pool: data-parallel training on every core, each worker holding a replica of the brain.
 # ======================================================================================
 # The brain is sent to the workers once, and again only after something outside changed it
-# (BPE growth, a new delta, a rollback). Each step the pool cuts the batch into one shard
-# per worker. Every worker writes the gradient of its shard, weighted by the shard's share
-# of the batch's tokens, into its own slot of a shared array; then each worker sums all
-# slots in the same order and applies the same Adam update, so the replicas stay
-# bit-identical and no weights cross a process boundary. With no worker processes the same
-# Replica runs in the chat process (tests, and a machine where spawning fails).
+# (BPE growth, a new delta, a rollback). Each step every worker writes the gradient of its
+# shard of the batch, weighted by the shard's share of the tokens, into its own slot of a
+# shared array; then each sums all slots in the same order and applies the same Adam update,
+# so the replicas stay bit-identical and no weights cross a process boundary. With no worker
+# processes the same Replica runs in the chat process (tests, or where spawning fails).
 #
-# A message to a worker names one of the WORKER_OPS functions, which the worker calls.
-# A worker that dies or hangs costs the step in flight: the pool notices (its pipe closes,
-# or it misses a generous deadline), takes the weights from a surviving worker (or from the
-# trainer's brain), restarts the workers and goes on. Jobs run in a thread beside the event
-# loop, so the prompt never waits; workers run at a lower priority than the chat process
-# and leave when their parent is gone.
+# A message to a worker names one of the WORKER_OPS functions. A worker that dies or hangs
+# costs the step in flight: the pool notices (its pipe closes, or it misses a generous
+# deadline), reloads the workers from a survivor (or from the trainer's brain) and goes on.
+# Jobs run in a thread beside the event loop, so the prompt never waits; workers run at a
+# lower priority than the chat process and leave when their parent is gone.
 
 WORKER_NICE = 10                          # workers yield the CPU to the chat process
 WORKER_TIMEOUT = 600.0                    # seconds without an answer before a worker counts as hung
@@ -2836,14 +2765,9 @@ LOAD_TIMEOUT = 120.0                      # ... at least, for a load (a new proc
 def sample_starts(n_stream, n, length, rng, recent_from=None):
     """Start offsets of n windows of `length` + 1 tokens in a stream of n_stream tokens; if
     recent_from is set, half of them start there or later."""
-    length = min(length, n_stream - 1)
-    out = []
-    for i in range(n):
-        lo = 0
-        if recent_from is not None and i % 2 == 0:
-            lo = max(0, min(recent_from, n_stream - length - 1))
-        out.append(rng.randint(lo, n_stream - length - 1))
-    return out
+    last = n_stream - min(length, n_stream - 1) - 1         # the last start with room for a window
+    recent = 0 if recent_from is None else max(0, min(recent_from, last))
+    return [rng.randint(recent if i % 2 == 0 else 0, last) for i in range(n)]
 
 
 class Replica:
@@ -2883,10 +2807,7 @@ class Replica:
             cols = len(p.data[0])
             p.grad = [flat[o + r * cols:o + (r + 1) * cols] for r in range(len(p.data))]
             o += len(p.data) * cols
-        with _NoCycleCollection():
-            self.brain.opt.update(self.brain.model.named_params(), lr)
-        self.brain.model.touch()
-        self.brain.step += 1
+        self.brain.update(lr)
 
     def grad_size(self, train_base):
         return sum(len(p.data) * len(p.data[0]) for p in self.trainable(train_base))
@@ -2976,25 +2897,20 @@ def _worker_main(conn, shared, slot, capacity, seed):
         os.nice(WORKER_NICE)
     parent = os.getppid()
     w = WorkerSlot(memoryview(shared).cast("B").cast("d"), slot, capacity, seed)
-    while True:
+    while os.getppid() == parent:                      # else the parent died (kill -9): leave with it
         if not conn.poll(1.0):
-            if os.getppid() != parent:                 # the parent died (kill -9): leave with it
-                return
             continue
         try:
             seq, op, *args = conn.recv()
-        except (EOFError, OSError):
-            return
-        if op is op_stop:
-            return
-        try:
-            assert op in WORKER_OPS, op
-            answer = (seq, "ok", op(w, *args))
-        except Exception as e:                         # the worker's boundary: report, stay alive
-            answer = (seq, "error", "%s: %s" % (type(e).__name__, e))
-        try:
+            if op is op_stop:
+                return
+            try:
+                assert op in WORKER_OPS, op
+                answer = (seq, "ok", op(w, *args))
+            except Exception as e:                     # the worker's boundary: report, stay alive
+                answer = (seq, "error", "%s: %s" % (type(e).__name__, e))
             conn.send(answer)
-        except OSError:                                # the parent is gone
+        except (EOFError, OSError):                    # the parent is gone
             return
 
 
@@ -3038,18 +2954,15 @@ def _gather(conns, procs, seq, waiting, timeout):
 
 
 class Pool:
-    """n worker processes that train one brain together; n = 0 runs a Replica in this process.
-
-    The pool's `step` counts the optimizer steps its replicas have taken; it runs ahead of the
-    trainer's brain during a job and goes back to it when the trainer resets the pool.
-    """
+    """n worker processes that train one brain together; n = 0 runs a Replica in this process."""
 
     def __init__(self, n, seed=0):
         self.n, self.seed = n, seed
         self.procs, self.conns = [], []
         self.shared, self.capacity = None, 0
         self.local = None                          # the Replica when n = 0
-        self.synced, self.step = False, 0          # whether the replicas hold the brain (plus `step`)
+        self.synced = False                        # whether the replicas hold the brain (plus `step`)
+        self.step = 0                              # the replicas' optimizer steps: ahead of the brain's in a job
         self.restarts, self.last_failure = 0, None  # for /status
         self.failures = []                         # worker failures of the last job, for the event log
         self.seq = 0                               # numbers the calls
@@ -3058,7 +2971,7 @@ class Pool:
 
     # -- processes -------------------------------------------------------------------------
     def _start(self, capacity):
-        self._stop()
+        self.close()
         ctx = multiprocessing.get_context("spawn")
         self.capacity = capacity
         self.shared = ctx.RawArray("d", self.n * capacity)
@@ -3072,25 +2985,20 @@ class Pool:
             self.procs.append(p)
             self.conns.append(mine)
 
-    def _stop(self):
+    def close(self):
+        """Stop every worker; returns within about two seconds whatever they are doing."""
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError):         # that worker is gone already
                 conn.send((0, op_stop))
-            except OSError:
-                pass
         deadline = time.monotonic() + 1.0
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
-                p.kill() if hasattr(p, "kill") else p.terminate()
+                p.kill()
                 p.join(1.0)
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
-
-    def close(self):
-        """Stop every worker; returns within about two seconds whatever they are doing."""
-        self._stop()
 
     def _call(self, messages, timeout=None):
         """Send messages[i] (an op and its arguments) to worker i (None: skip) -> their answers."""
@@ -3112,7 +3020,6 @@ class Pool:
 
     # -- what the trainer asks -------------------------------------------------------------
     def load(self, brain):
-        """Give every worker this brain."""
         raw, n_params = brain.to_bytes(), brain.model.num_params()
         if self.n == 0:
             self.local = Replica(raw, self.seed)
@@ -3152,8 +3059,8 @@ class Pool:
                             for k in range(self.n)])
         per_window = [None] * len(windows)
         for k, part in enumerate(parts):
-            for j, probs in enumerate(part or []):
-                per_window[k + j * self.n] = probs
+            if part:
+                per_window[k::self.n] = part
         return [p for w in per_window for p in w]
 
     def pull(self):
@@ -3166,18 +3073,15 @@ class Pool:
     def recover(self, fallback, reason):
         """After WorkerLost: reload every worker from a survivor's weights, else from the brain
         `fallback`; the pool's step becomes that of the state reloaded."""
-        self.restarts += 1
-        self.last_failure = reason
+        self.restarts, self.last_failure = self.restarts + 1, reason
         self.failures.append(reason)
         raw = None
         for i, p in enumerate(self.procs):
             if p.is_alive():
-                try:
+                with contextlib.suppress(WorkerLost):
                     raw = self._call([(op_to_bytes,) if k == i else None for k in range(self.n)])[i]
                     break
-                except WorkerLost:
-                    continue
-        self._stop()
+        self.close()
         self.load(Brain.from_bytes(raw) if raw else fallback)
 
     def take_failures(self):
@@ -3204,21 +3108,18 @@ class Pool:
                 outcome = (True, fn(*args))
             except BaseException as e:             # handed to the awaiting task, which logs it
                 outcome = (False, e)
-            try:
+            with contextlib.suppress(RuntimeError):    # the loop closed meanwhile (quitting): nobody waits
                 loop.call_soon_threadsafe(settle, *outcome)
-            except RuntimeError:                   # the loop closed meanwhile (quitting): nobody waits
-                pass
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
         return await fut
 
-    def stop(self, wait=2.0):
-        """Stop after the step in flight -> whether the job thread has finished."""
+    def stop(self):
+        """Stop after the step in flight -> whether the job thread has finished (waits up to 2 s)."""
         self.stopping.set()
         if self._thread is not None:
-            self._thread.join(wait)
-            return not self._thread.is_alive()
-        return True
+            self._thread.join(2.0)
+        return self._thread is None or not self._thread.is_alive()
 
 
 # ======================================================================================
@@ -3232,12 +3133,7 @@ class Pool:
 # accepted: a burst that is worse by more than forget_tolerance is rolled back, and so is an
 # idle phase that is worse at all, so neither one bad burst nor a slow drift (measured: a 2%
 # allowance let rehearsal drift 2.5% above its best within 20 minutes) wears away what was learned.
-# "Rolled back" means never adopted: after an idle phase not kept the workers train on from it
-# (one phase worse is often noise), and only the third in a row sends them back to the best.
-# Then the trainer rests and tries again as patiently: the best is the luckiest of many noisy
-# phases, so a single phase from it rarely beats it (measured: 35 minutes of rest in an hour).
-# The trainer owns the accepted brain (the one the voice uses and the checkpoint stores) and
-# is the only writer of its Progress.
+# "Rolled back" means never adopted; IdlePatience decides when the workers go back to the best.
 
 WARMUP_JOB_SECONDS = 20.0                 # a warmup job trains this long before the trainer looks up
 IDLE_PATIENCE = 3                         # idle phases rolled back in a row before the trainer rests
@@ -3301,7 +3197,9 @@ def pool_ask(pool, brain, method, *args):
 class IdlePatience:
     """Rehearsal has no new material to excuse a loss, yet a phase not kept may be noise: the
     workers train on from it, and only the IDLE_PATIENCE-th in a row sends them back to the best.
-    Then the trainer rests, longer after each plateau, and tries as patiently again."""
+    Then the trainer rests, longer after each plateau, and tries as patiently again: the best is
+    the luckiest of many noisy phases, so one phase from it rarely beats it (measured: 35 minutes
+    of rest in an hour)."""
 
     def __init__(self, now):
         self.rejects = 0                      # idle phases rolled back in a row
@@ -3311,6 +3209,11 @@ class IdlePatience:
     def train_on(self):
         """Whether the workers go on from a phase if it is not kept."""
         return self.rejects + 1 < IDLE_PATIENCE
+
+    def interrupt(self):
+        """A burst ends the run of idle phases -> whether the workers went on from one not kept."""
+        went_on, self.rejects = self.rejects > 0, 0
+        return went_on
 
     def judged(self, kept, now):
         if kept:
@@ -3336,10 +3239,8 @@ class Trainer:
         (after warmup they belong to a burst or idle phase not yet judged: they are dropped)."""
         if (self.pool.stop() and self.pool.synced and self.pool.step > self.brain.step
                 and not self.brain.progress.warmup_done):
-            try:
+            with contextlib.suppress(WorkerLost):          # no worker left to ask: those steps are lost
                 self.brain.take_weights(Brain.from_bytes(self.pool.pull(), self.cfg, self.seed))
-            except WorkerLost:
-                pass
         self.log_failures()
 
     async def job(self, steps, train_base, recent_from=None, seconds=None, cycle=False):
@@ -3362,7 +3263,6 @@ class Trainer:
             self.memory.log_event("worker", "%s; workers restarted, training goes on" % failure)
 
     async def ask(self, method, *args):
-        """A pool method, in the job thread."""
         return await self.pool.beside(pool_ask, self.pool, self.brain, method, *args)
 
     async def _evidence(self):
@@ -3436,17 +3336,15 @@ class Trainer:
         cfg, self.status = self.cfg, "burst"
         recent, mark = self.corpus.take_pending()
         self.last_burst = self.now()
-        if self.patience.rejects:                      # the workers may hold an idle state not kept
+        if self.patience.interrupt():                  # the workers may hold an idle state not kept
             self.pool.reset(self.brain)
-            self.patience.rejects = 0
         grow = self.rng.random() < cfg.delta_grow_prob and self.brain.model.n_deltas < cfg.max_delta_modules
         if grow:
             await self.ask(self.pool.add_delta)
         await self.job(cfg.micro_steps, not cfg.freeze_base_after_warmup, recent_from=recent)
         self.brain.progress.bursts += 1
-        kept = await self.judge("burst +delta" if grow else "burst", cfg.forget_tolerance)
+        await self.judge("burst +delta" if grow else "burst", cfg.forget_tolerance)
         self.corpus.mark_learned(mark)                 # kept or rolled back, this material is done
-        return kept
 
     async def idle(self):
         """Train the whole network on the whole living corpus; after rollbacks in a row, rest a while."""
@@ -3455,7 +3353,6 @@ class Trainer:
         self.brain.progress.idle_phases += 1
         kept = await self.judge("idle", 0.0, train_on=self.patience.train_on())
         self.patience.judged(kept, self.now())
-        return kept
 
     async def tick(self):
         """One unit of work -> True if something was done."""
@@ -3494,10 +3391,8 @@ DATABASE_RETRY_SECONDS = 30.0             # a trainer that met a database fault 
 
 async def train_forever(trainer, log):
     """The trainer's background task and top-level boundary: it never raises but cancellation.
-
     A database fault (locked by another program, disk full) pauses training and it tries again;
-    any other error is logged and stops training, and the chat goes on without it.
-    """
+    any other error is logged and stops training, and the chat goes on without it."""
     while True:
         try:
             if not await trainer.tick():

@@ -221,8 +221,8 @@ class TeacherTest(CorpusCase):
         first = next(iter(corpus.teacher))
         del corpus.teacher[first]                                        # as if pruned while teaching
         spans = corpus._spans(*corpus._layout()[2:], len(stream), 0, 12)
-        ids, ws = corpus._rows(spans, stream, 0)
-        k, n = M.TEACHER_TOP_K, spans[0][2] - spans[0][1]
+        ids, ws = corpus._rows(spans, stream)
+        k, n = M.TEACHER_TOP_K, spans[0][3] - spans[0][2]
         for r in range(n):
             self.assertEqual(list(ids[r * k:(r + 1) * k]), [stream[1 + r]] * k)
             self.assertEqual(list(ws[r * k:(r + 1) * k]), [1.0] + [0.0] * (k - 1))

@@ -53,8 +53,9 @@ class MemoryTest(unittest.TestCase):
         self.assertEqual(corpus_lines(mem), ["a", "b", "c"])
         self.assertEqual(mem.corpus_stats(), {"lines": 3, "bytes": 3, "chat_lines": 1})
         mem.add_corpus_lines(["line %d" % i for i in range(100)], "chat")
-        mem.prune_corpus(range(4, 67), "test")
-        self.assertEqual(mem.remove_corpus_lines(["line 99", "never stored"]), [(103, "line 99")])
+        mem.prune_corpus(range(4, 67), "prune", "test")
+        self.assertEqual(mem.corpus_ids(["line 99", "never stored"]), [103])
+        mem.prune_corpus([103], "heldout", "test")
         mem.add_corpus_lines(["line 99"], "chat")
         kept = corpus_lines(mem)
         self.assertEqual(len(kept), 40)
@@ -167,10 +168,10 @@ class RetrievalTest(unittest.TestCase):
         if own_index:                                  # as on an SQLite without FTS5
             real = M.MessageIndex.__init__
 
-            def without_fts(index, db):
+            def without_fts(index, db, text_of):
                 db.execute("CREATE TABLE message_terms (term TEXT NOT NULL, id INTEGER NOT NULL)")
                 db.execute("CREATE INDEX message_terms_term ON message_terms (term, id)")
-                real(index, db)
+                real(index, db, text_of)
             M.MessageIndex.__init__ = without_fts
             self.addCleanup(setattr, M.MessageIndex, "__init__", real)
         mem = M.Memory(os.path.join(self.dir, name))
@@ -252,3 +253,19 @@ class FuzzFoundTest(unittest.TestCase):
         body["rng"][1][371] = -1572793180
         with self.assertRaisesRegex(M.CheckpointError, "damaged"):
             M.restore_checkpoint(body)
+
+    def test_a_message_edited_into_a_number_is_left_out_of_the_index_and_refused_when_read(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        path = os.path.join(d, "memory.sqlite3")
+        mem = M.Memory(path)
+        mem.add_message("user", "my dog is called Rex")
+        mem.add_message("user", "I live in Ljubljana")
+        mem.db.execute("DROP TABLE message_fts")                   # the index is rebuilt on open
+        mem.db.execute("UPDATE messages SET text = -0.0 WHERE id = 1")
+        mem.close()
+        mem = M.Memory(path)
+        self.addCleanup(mem.close)
+        self.assertEqual([t for _, t in mem.search_messages("do I live in Ljubljana?")], ["I live in Ljubljana"])
+        with self.assertRaisesRegex(M.MemoryStoreError, "damaged"):
+            mem.recent_messages(2)
