@@ -1280,202 +1280,6 @@ def backward_step(model, inputs, targets, weight=1.0, rng=None, teacher=None, be
 
 
 # ======================================================================================
-# Checkpoints: one versioned file, written atomically, weights as base64 of float64 arrays.
-# ======================================================================================
-# Layout: a header line "macrogpt-checkpoint <version> <sha256 of body>" then one JSON body.
-# The digest makes a torn or edited file fail loudly instead of loading wrong weights.
-
-CKPT_MAGIC = "macrogpt-checkpoint"
-CKPT_VERSION = 3                          # 2: Adam counts per row, the model's random state; 3: no frozen rows
-GROWABLE = ("n_embd", "n_layer", "n_head", "delta_rank", "block_size")
-GROW_SCALE = 0.001                        # new weights start this fraction of a fresh init
-
-
-def pack_rows(rows):
-    flat = array.array("d", [v for r in rows for v in r])
-    return {"shape": [len(rows), len(rows[0]) if rows else 0],
-            "data": base64.b64encode(flat.tobytes()).decode("ascii")}
-
-
-def unpack_rows(d, byteorder):
-    n_rows, n_cols = d["shape"]
-    flat = array.array("d")
-    flat.frombytes(base64.b64decode(d["data"]))
-    if byteorder != sys.byteorder:
-        flat.byteswap()
-    if len(flat) != n_rows * n_cols:
-        raise CheckpointError("checkpoint is damaged: a weight block has the wrong size")
-    return [flat[i * n_cols:(i + 1) * n_cols].tolist() for i in range(n_rows)]
-
-
-def temp_name(path, pid=None):
-    """Per process, so two writers never share a half-written file; see remove_stale_temps."""
-    return "%s.%d.tmp" % (path, os.getpid() if pid is None else pid)
-
-
-def atomic_write(path, data):
-    """Write bytes so that a crash at any instant leaves either the old or the new file."""
-    tmp = temp_name(path)
-    try:
-        try:
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        if hasattr(os, "O_DIRECTORY"):                 # make the rename itself durable
-            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except OSError as e:                           # no folder, disk full, another process's rename
-        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
-
-
-def checkpoint_bytes(model, opt, step, extra=None):
-    """Everything needed to resume: config, step, weights, deltas, Adam state."""
-    params, adam = {}, {}
-    for name, t in model.named_params():
-        params[name] = pack_rows(t.data)
-        st = opt.state.get(name)
-        if st is not None:
-            adam[name] = {"m": pack_rows(st.m), "v": pack_rows(st.v), "t": st.t}
-    body = {"version": CKPT_VERSION, "byteorder": sys.byteorder, "config": model.cfg.to_dict(),
-            "step": step, "vocab_size": model.vocab_size, "n_deltas": model.n_deltas,
-            "delta_alphas": [d.alpha for d in model.lm_head.deltas],
-            "params": params, "adam": adam, "rng": model.rng.getstate(), "extra": extra or {}}
-    text = json.dumps(body, separators=(",", ":")).encode("utf-8")
-    header = "%s %d %s\n" % (CKPT_MAGIC, CKPT_VERSION, hashlib.sha256(text).hexdigest())
-    return header.encode("ascii") + text
-
-
-def parse_checkpoint(raw, name="checkpoint"):
-    """Verify and decode checkpoint bytes -> the body dict."""
-    head, _, text = raw.partition(b"\n")
-    parts = head.split(b" ")
-    if len(parts) != 3 or parts[0] != CKPT_MAGIC.encode("ascii") or not parts[1].isdigit():
-        raise CheckpointError("%s is not a macrogpt checkpoint (bad header); move it aside to start fresh" % name)
-    version = int(parts[1])
-    if version > CKPT_VERSION:
-        raise CheckpointError("%s was written by a newer macrogpt (checkpoint format %d > %d)"
-                              % (name, version, CKPT_VERSION))
-    if hashlib.sha256(text).hexdigest().encode("ascii") != parts[2]:
-        raise CheckpointError("%s is damaged (truncated or edited: checksum mismatch); move it aside to start fresh" % name)
-    try:
-        return json.loads(text.decode("utf-8"))
-    except (ValueError, RecursionError):           # RecursionError: nested deeper than json can parse
-        raise CheckpointError("%s is damaged (body is not valid JSON)" % name)
-
-
-def read_checkpoint(path):
-    """Read and verify a checkpoint file -> its body dict. Never modifies the file."""
-    return parse_checkpoint(read_bytes(path, "checkpoint", CheckpointError), path)
-
-
-def restore_checkpoint(body, cfg=None, seed=0):
-    """Rebuild (model, opt, step, extra) from a checkpoint body, growing into cfg if it is larger."""
-    try:
-        saved_cfg = Config.from_dict(body["config"])
-        C, V, n_deltas = saved_cfg.n_embd, body["vocab_size"], min(len(body["delta_alphas"]), saved_cfg.max_delta_modules)
-        stored = sum(len(p["data"]) for p in body["params"].values()) * 3 // 32      # float64s in base64
-        if V * C + 16 * saved_cfg.n_layer * C * C + n_deltas * saved_cfg.delta_rank * C > stored:   # before allocating
-            raise CheckpointError("checkpoint is damaged: its sizes claim more weights than it holds")
-        model = GPT(saved_cfg, V, seed, init=False)
-        for alpha in body["delta_alphas"]:
-            if not _is_kind(alpha, "float"):               # 10**400 loaded, then overflowed in every forward
-                raise TypeError("a delta alpha is %.40r" % (alpha,))
-            model.add_delta(alpha)
-        opt = Adam(saved_cfg)
-        order = body["byteorder"]
-        for name, t in model.named_params():
-            data = unpack_rows(body["params"][name], order)
-            if [len(data), len(data[0])] != [len(t.data), len(t.data[0])]:
-                raise CheckpointError("checkpoint is damaged: %s has the wrong shape" % name)
-            t.data = data
-            st = body["adam"].get(name)
-            if st is not None:
-                m, v = unpack_rows(st["m"], order), unpack_rows(st["v"], order)
-                counts = st["t"] if isinstance(st["t"], list) else [st["t"]] * len(m)   # format 1: one count
-                opt.state[name] = AdamState(m, v, list(counts))
-        if "rng" in body:                              # format 1 restarted the generator from the seed
-            version, internal, gauss = body["rng"]
-            model.rng.setstate((version, tuple(internal), gauss))
-        step, extra = body["step"], body.get("extra", {})
-        if not _is_kind(step, "int") or step < 0:          # "x" loaded, then the learner's seed + step raised
-            raise TypeError("step is %.40r" % (step,))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
-        raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
-    if cfg is not None and cfg != saved_cfg:
-        if all(getattr(cfg, f) == getattr(saved_cfg, f) for f in GROWABLE):
-            check_growth(saved_cfg, cfg, model.n_deltas)       # shapes equal: only knobs changed
-            model.cfg = opt.cfg = cfg
-        else:
-            model, opt = grow_model(model, opt, cfg, seed)
-    return model, opt, step, extra
-
-
-def check_growth(old, new, n_deltas):
-    """Raise CheckpointError naming the field if `new` cannot be grown into from `old`."""
-    for name in GROWABLE:
-        a, b = getattr(old, name), getattr(new, name)
-        if b < a:
-            raise CheckpointError("Config.%s shrank from %d to %d; a trained model only grows "
-                                  "(set it back, or move the checkpoint aside to start fresh)" % (name, a, b))
-    if new.head_dim != old.head_dim:
-        raise CheckpointError("Config.n_head: head_dim changed from %d to %d; grow n_embd and n_head "
-                              "together so n_embd / n_head stays %d" % (old.head_dim, new.head_dim, old.head_dim))
-    if new.tie_embeddings != old.tie_embeddings:
-        raise CheckpointError("Config.tie_embeddings changed; a trained model cannot be re-tied")
-    if new.rope_base != old.rope_base:
-        raise CheckpointError("Config.rope_base changed; the trained attention depends on it")
-    if new.max_delta_modules < n_deltas:
-        raise CheckpointError("Config.max_delta_modules (%d) is below the %d delta modules already trained"
-                              % (new.max_delta_modules, n_deltas))
-
-
-def _embed_rows(old, fresh, scale):
-    """Old values in the top-left of fresh's shape; the rest is fresh * scale."""
-    padded = list(old) + [[]] * (len(fresh) - len(old))       # the rows only fresh has
-    return [list(o) + [v * scale for v in f[len(o):]] for o, f in zip(padded, fresh)]
-
-
-def grow_model(model, opt, cfg, seed=0):
-    """A model of the larger cfg whose function is close to `model`'s (see GROW_SCALE)."""
-    old_cfg = model.cfg
-    check_growth(old_cfg, cfg, model.n_deltas)
-    grown = GPT(cfg, model.vocab_size, seed + 1)
-    for d in model.lm_head.deltas:
-        grown.add_delta(d.alpha)
-    old_params = dict(model.named_params())
-    norm_fix = math.sqrt(old_cfg.n_embd / cfg.n_embd)   # keeps rms-normalized old dims unchanged
-    new_opt = Adam(cfg)
-    for name, t in grown.named_params():
-        old = old_params.get(name)
-        if old is None:                                # a whole new layer: near-identity block
-            if name.endswith((".wo", ".fc2")):
-                t.data = scale_rows(t.data, GROW_SCALE)
-            continue
-        scale = {".A": 0.0, ".B": 1.0}.get(name[-2:], GROW_SCALE)   # new delta columns stay exact no-ops
-        data = _embed_rows(old.data, t.data, scale)
-        if name.endswith(("ln1", "ln2", "lnf")) and norm_fix != 1.0:
-            n = len(old.data[0])
-            data = [[v * norm_fix for v in r[:n]] + r[n:] for r in data]
-        t.data = data
-        st = opt.state.get(name)
-        if st is not None:
-            zero_m = zeros(len(t.data), len(t.data[0]))
-            counts = st.t + [0] * (len(t.data) - len(st.t))
-            new_opt.state[name] = AdamState(_embed_rows(st.m, zero_m, 0.0), _embed_rows(st.v, zero_m, 0.0), counts)
-    grown.rng.setstate(model.rng.getstate())             # later rows continue the old stream
-    return grown, new_opt
-
-
-# ======================================================================================
 # Sampler: small pure filters over a probability list, chained, then one seeded draw.
 # ======================================================================================
 # Every filter takes probabilities (zeros for excluded tokens) and returns a renormalized
@@ -1744,6 +1548,11 @@ class NGramField:
         return sum(1 for g in grams if g not in known) / len(grams)
 
 
+# ======================================================================================
+# Scoring: the mix of network and field, and bits per byte of held-out text, for the
+# trainer and --eval alike.
+# ======================================================================================
+
 def mix(p_model, p_field, lam):
     mu = 1.0 - lam
     return [lam * a + mu * b for a, b in zip(p_model, p_field)]
@@ -1773,11 +1582,6 @@ def bits_per_byte(nll_nats, n_bytes):
     return nll_nats / math.log(2) / max(1, n_bytes)
 
 
-# Recall and Lexicon: two more things the corpus knows, a topic and its words.
-
-WORD_RE = re.compile(r"[^\W\d_]{3,}")
-
-
 def heldout_windows(stream, length):
     """Consecutive, non-overlapping windows covering the stream; each predicts all but its first token."""
     return [stream[i:i + length + 1] for i in range(0, max(1, len(stream) - 1), length)
@@ -1792,6 +1596,13 @@ def target_probs(model, windows):
         for cur, nxt in zip(w, w[1:]):
             out.append(softmax(model.step(cache, cur))[nxt])
     return out
+
+
+# ======================================================================================
+# Recall and Lexicon: two more things the corpus knows, a topic and its words.
+# ======================================================================================
+
+WORD_RE = re.compile(r"[^\W\d_]{3,}")
 
 
 def content_words(text):
@@ -1991,6 +1802,290 @@ class Lexicon:
             for i in banned:
                 out[i] = 0.0
         return out if sum(out) > 0.0 else probs
+
+
+# ======================================================================================
+# Folder lock: one organism per folder, so two processes never train over each other's checkpoint.
+# ======================================================================================
+# The lock is the OS's (flock, or a Windows byte-range lock), so it dies with its process and
+# kill -9 leaves nothing stale. The file holds the owner's PID only for the message; it is
+# removed while still locked, and a locker checks that the file it locked is still the one at
+# the path (otherwise it locked a removed file and tries again).
+
+WINDOWS_LOCK_OFFSET = 1 << 20             # Windows locks a byte past the PID, so others can read it
+
+
+class LockedError(MacroError):
+    pass
+
+
+class FolderLock:
+    """An exclusive OS lock on `<path>.lock` for as long as this process lives or until release()."""
+
+    def __init__(self, path):
+        self.path, self.fd = path + ".lock", None
+
+    def acquire(self):
+        for _ in range(100):                           # each retry means another process just released
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as e:
+                raise MacroError("cannot create lock file %s: %s" % (self.path, e.strerror or e))
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            except (BlockingIOError, PermissionError):
+                os.lseek(fd, 0, os.SEEK_SET)
+                owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise LockedError("another macrogpt (PID %s) is using %s; wait for it to end, or give this "
+                                  "one its own --db and --ckpt" % (owner, os.path.abspath(self.path[:-5])))
+            with contextlib.suppress(FileNotFoundError):
+                if fcntl is None or os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)
+        else:
+            raise MacroError("cannot lock %s: it keeps being replaced" % self.path)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        if fcntl is not None:
+            _remove_quietly(self.path)             # while still locked: see the section note
+            os.close(fd)
+        else:
+            os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            os.close(fd)
+            _remove_quietly(self.path)             # fails harmlessly if another process has it open
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, kind, value, tb):
+        self.release()
+
+
+def _remove_quietly(path):
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def remove_stale_temps(path):
+    """Remove `<path>.<pid>.tmp` (and the older `<path>.tmp`) left by killed writers -> how many.
+    Call it only while holding the lock on `path`: then no other process is writing one."""
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"(\.\d+)?\.tmp\Z")
+    ours = os.path.basename(temp_name(path))
+    stale = [name for name in os.listdir(folder) if pattern.match(name) and name != ours]
+    for name in stale:
+        _remove_quietly(os.path.join(folder, name))
+    return len(stale)
+
+
+# ======================================================================================
+# Checkpoints: one versioned file, written atomically, weights as base64 of float64 arrays.
+# ======================================================================================
+# Layout: a header line "macrogpt-checkpoint <version> <sha256 of body>" then one JSON body.
+# The digest makes a torn or edited file fail loudly instead of loading wrong weights.
+
+CKPT_MAGIC = "macrogpt-checkpoint"
+CKPT_VERSION = 3                          # 2: Adam counts per row, the model's random state; 3: no frozen rows
+GROWABLE = ("n_embd", "n_layer", "n_head", "delta_rank", "block_size")
+GROW_SCALE = 0.001                        # new weights start this fraction of a fresh init
+
+
+def pack_rows(rows):
+    flat = array.array("d", [v for r in rows for v in r])
+    return {"shape": [len(rows), len(rows[0]) if rows else 0],
+            "data": base64.b64encode(flat.tobytes()).decode("ascii")}
+
+
+def unpack_rows(d, byteorder):
+    n_rows, n_cols = d["shape"]
+    flat = array.array("d")
+    flat.frombytes(base64.b64decode(d["data"]))
+    if byteorder != sys.byteorder:
+        flat.byteswap()
+    if len(flat) != n_rows * n_cols:
+        raise CheckpointError("checkpoint is damaged: a weight block has the wrong size")
+    return [flat[i * n_cols:(i + 1) * n_cols].tolist() for i in range(n_rows)]
+
+
+def temp_name(path, pid=None):
+    """Per process, so two writers never share a half-written file; see remove_stale_temps."""
+    return "%s.%d.tmp" % (path, os.getpid() if pid is None else pid)
+
+
+def atomic_write(path, data):
+    """Write bytes so that a crash at any instant leaves either the old or the new file."""
+    tmp = temp_name(path)
+    try:
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if hasattr(os, "O_DIRECTORY"):                 # make the rename itself durable
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as e:                           # no folder, disk full, another process's rename
+        raise CheckpointError("cannot write checkpoint %s: %s" % (path, e.strerror or e))
+
+
+def checkpoint_bytes(model, opt, step, extra=None):
+    """Everything needed to resume: config, step, weights, deltas, Adam state."""
+    params, adam = {}, {}
+    for name, t in model.named_params():
+        params[name] = pack_rows(t.data)
+        st = opt.state.get(name)
+        if st is not None:
+            adam[name] = {"m": pack_rows(st.m), "v": pack_rows(st.v), "t": st.t}
+    body = {"version": CKPT_VERSION, "byteorder": sys.byteorder, "config": model.cfg.to_dict(),
+            "step": step, "vocab_size": model.vocab_size, "n_deltas": model.n_deltas,
+            "delta_alphas": [d.alpha for d in model.lm_head.deltas],
+            "params": params, "adam": adam, "rng": model.rng.getstate(), "extra": extra or {}}
+    text = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    header = "%s %d %s\n" % (CKPT_MAGIC, CKPT_VERSION, hashlib.sha256(text).hexdigest())
+    return header.encode("ascii") + text
+
+
+def parse_checkpoint(raw, name="checkpoint"):
+    """Verify and decode checkpoint bytes -> the body dict."""
+    head, _, text = raw.partition(b"\n")
+    parts = head.split(b" ")
+    if len(parts) != 3 or parts[0] != CKPT_MAGIC.encode("ascii") or not parts[1].isdigit():
+        raise CheckpointError("%s is not a macrogpt checkpoint (bad header); move it aside to start fresh" % name)
+    version = int(parts[1])
+    if version > CKPT_VERSION:
+        raise CheckpointError("%s was written by a newer macrogpt (checkpoint format %d > %d)"
+                              % (name, version, CKPT_VERSION))
+    if hashlib.sha256(text).hexdigest().encode("ascii") != parts[2]:
+        raise CheckpointError("%s is damaged (truncated or edited: checksum mismatch); move it aside to start fresh" % name)
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError):           # RecursionError: nested deeper than json can parse
+        raise CheckpointError("%s is damaged (body is not valid JSON)" % name)
+
+
+def read_checkpoint(path):
+    """Read and verify a checkpoint file -> its body dict. Never modifies the file."""
+    return parse_checkpoint(read_bytes(path, "checkpoint", CheckpointError), path)
+
+
+def restore_checkpoint(body, cfg=None, seed=0):
+    """Rebuild (model, opt, step, extra) from a checkpoint body, growing into cfg if it is larger."""
+    try:
+        saved_cfg = Config.from_dict(body["config"])
+        C, V, n_deltas = saved_cfg.n_embd, body["vocab_size"], min(len(body["delta_alphas"]), saved_cfg.max_delta_modules)
+        stored = sum(len(p["data"]) for p in body["params"].values()) * 3 // 32      # float64s in base64
+        if V * C + 16 * saved_cfg.n_layer * C * C + n_deltas * saved_cfg.delta_rank * C > stored:   # before allocating
+            raise CheckpointError("checkpoint is damaged: its sizes claim more weights than it holds")
+        model = GPT(saved_cfg, V, seed, init=False)
+        for alpha in body["delta_alphas"]:
+            if not _is_kind(alpha, "float"):               # 10**400 loaded, then overflowed in every forward
+                raise TypeError("a delta alpha is %.40r" % (alpha,))
+            model.add_delta(alpha)
+        opt = Adam(saved_cfg)
+        order = body["byteorder"]
+        for name, t in model.named_params():
+            data = unpack_rows(body["params"][name], order)
+            if [len(data), len(data[0])] != [len(t.data), len(t.data[0])]:
+                raise CheckpointError("checkpoint is damaged: %s has the wrong shape" % name)
+            t.data = data
+            st = body["adam"].get(name)
+            if st is not None:
+                m, v = unpack_rows(st["m"], order), unpack_rows(st["v"], order)
+                counts = st["t"] if isinstance(st["t"], list) else [st["t"]] * len(m)   # format 1: one count
+                opt.state[name] = AdamState(m, v, list(counts))
+        if "rng" in body:                              # format 1 restarted the generator from the seed
+            version, internal, gauss = body["rng"]
+            model.rng.setstate((version, tuple(internal), gauss))
+        step, extra = body["step"], body.get("extra", {})
+        if not _is_kind(step, "int") or step < 0:          # "x" loaded, then the learner's seed + step raised
+            raise TypeError("step is %.40r" % (step,))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+        raise CheckpointError("checkpoint is damaged or incomplete (%s: %s)" % (type(e).__name__, e))
+    if cfg is not None and cfg != saved_cfg:
+        if all(getattr(cfg, f) == getattr(saved_cfg, f) for f in GROWABLE):
+            check_growth(saved_cfg, cfg, model.n_deltas)       # shapes equal: only knobs changed
+            model.cfg = opt.cfg = cfg
+        else:
+            model, opt = grow_model(model, opt, cfg, seed)
+    return model, opt, step, extra
+
+
+def check_growth(old, new, n_deltas):
+    """Raise CheckpointError naming the field if `new` cannot be grown into from `old`."""
+    for name in GROWABLE:
+        a, b = getattr(old, name), getattr(new, name)
+        if b < a:
+            raise CheckpointError("Config.%s shrank from %d to %d; a trained model only grows "
+                                  "(set it back, or move the checkpoint aside to start fresh)" % (name, a, b))
+    if new.head_dim != old.head_dim:
+        raise CheckpointError("Config.n_head: head_dim changed from %d to %d; grow n_embd and n_head "
+                              "together so n_embd / n_head stays %d" % (old.head_dim, new.head_dim, old.head_dim))
+    if new.tie_embeddings != old.tie_embeddings:
+        raise CheckpointError("Config.tie_embeddings changed; a trained model cannot be re-tied")
+    if new.rope_base != old.rope_base:
+        raise CheckpointError("Config.rope_base changed; the trained attention depends on it")
+    if new.max_delta_modules < n_deltas:
+        raise CheckpointError("Config.max_delta_modules (%d) is below the %d delta modules already trained"
+                              % (new.max_delta_modules, n_deltas))
+
+
+def _embed_rows(old, fresh, scale):
+    """Old values in the top-left of fresh's shape; the rest is fresh * scale."""
+    padded = list(old) + [[]] * (len(fresh) - len(old))       # the rows only fresh has
+    return [list(o) + [v * scale for v in f[len(o):]] for o, f in zip(padded, fresh)]
+
+
+def grow_model(model, opt, cfg, seed=0):
+    """A model of the larger cfg whose function is close to `model`'s (see GROW_SCALE)."""
+    old_cfg = model.cfg
+    check_growth(old_cfg, cfg, model.n_deltas)
+    grown = GPT(cfg, model.vocab_size, seed + 1)
+    for d in model.lm_head.deltas:
+        grown.add_delta(d.alpha)
+    old_params = dict(model.named_params())
+    norm_fix = math.sqrt(old_cfg.n_embd / cfg.n_embd)   # keeps rms-normalized old dims unchanged
+    new_opt = Adam(cfg)
+    for name, t in grown.named_params():
+        old = old_params.get(name)
+        if old is None:                                # a whole new layer: near-identity block
+            if name.endswith((".wo", ".fc2")):
+                t.data = scale_rows(t.data, GROW_SCALE)
+            continue
+        scale = {".A": 0.0, ".B": 1.0}.get(name[-2:], GROW_SCALE)   # new delta columns stay exact no-ops
+        data = _embed_rows(old.data, t.data, scale)
+        if name.endswith(("ln1", "ln2", "lnf")) and norm_fix != 1.0:
+            n = len(old.data[0])
+            data = [[v * norm_fix for v in r[:n]] + r[n:] for r in data]
+        t.data = data
+        st = opt.state.get(name)
+        if st is not None:
+            zero_m = zeros(len(t.data), len(t.data[0]))
+            counts = st.t + [0] * (len(t.data) - len(st.t))
+            new_opt.state[name] = AdamState(_embed_rows(st.m, zero_m, 0.0), _embed_rows(st.v, zero_m, 0.0), counts)
+    grown.rng.setstate(model.rng.getstate())             # later rows continue the old stream
+    return grown, new_opt
 
 
 # ======================================================================================
@@ -2354,8 +2449,6 @@ def read_corpus_file(path, what="corpus"):
     """The seed corpus (or an eval file): one utterance per non-blank line, stray bytes kept (surrogateescape)."""
     lines = [line.strip() for line in bytes_to_text(read_bytes(path, what)).splitlines()]
     return [line for line in lines if line]
-
-
 
 
 # ======================================================================================
@@ -3697,6 +3790,83 @@ def growth_chart(rows, stream=None):
 
 
 # ======================================================================================
+# Progress notes: one fixed-format line about training, shown where the user already looks.
+# ======================================================================================
+
+def warmup_percent(step, cfg):
+    return min(100, int(100 * step / max(1, cfg.warmup_steps)))
+
+
+def warmup_eta(progress, cfg, step):
+    """Seconds of warmup left at the last job's speed (None: unknown or done)."""
+    tps, left = progress.tokens_per_s, max(0, cfg.warmup_steps - step)
+    return left * cfg.batch_size * cfg.seq_len / tps if tps and left else None
+
+
+def progress_line(progress, cfg, step):
+    """`[warmup 34% | step 410/1200 | eta 12m03s | held-out -]` from a Brain's Progress."""
+    h = progress.heldout
+    return "[warmup %d%% | step %d/%d | eta %s | held-out %s]" % (
+        warmup_percent(step, cfg), step, cfg.warmup_steps, format_duration(warmup_eta(progress, cfg, step)),
+        "%.2f bits/byte" % h.mix_bpb if h else "-")
+
+
+class TrainingNotes:
+    """Decides which progress notes the REPL shows after a reply: a warmup line when the percentage
+    moved or a new held-out figure came in, and once, when lambda first rises above 0, the network's arrival."""
+
+    def __init__(self, cfg, progress):
+        self.cfg = cfg
+        self.shown = None                                   # (percent, held-out) of the last line
+        self.warmup_over = progress.warmup_done            # a restart after warmup has none to show
+        self.spoke = progress.lam > 0
+
+    def lines(self, progress, step):
+        out, h = [], progress.heldout
+        now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
+        if not self.warmup_over and now != self.shown:
+            out.append(progress_line(progress, self.cfg, step))
+            self.shown = now
+        self.warmup_over = progress.warmup_done
+        if not self.spoke and progress.lam > 0:
+            out.append("[the network now speaks: lambda %.2f]" % progress.lam)
+            self.spoke = True
+        return out
+
+
+class Meter:
+    """`eval 34% | 41/120 | eta 12s`, rewritten in place on stderr while it is a terminal; else silent."""
+
+    def __init__(self, label, total, enabled=True, stream=None, now=time.monotonic):
+        self.stream = stream or sys.stderr
+        self.label, self.total, self.now = label, total, now
+        tty = False
+        with contextlib.suppress(AttributeError, ValueError):      # no isatty, or already closed
+            tty = self.stream.isatty()
+        self.on = enabled and total > 0 and tty
+        self.start, self.percent, self.width = now(), None, 0
+
+    def update(self, done):
+        if not self.on:
+            return
+        percent = int(100 * done / self.total)
+        if percent != self.percent:
+            self.percent = percent
+            elapsed = self.now() - self.start
+            eta = elapsed / done * (self.total - done) if done else None
+            self._write("%s %d%% | %d/%d | eta %s" % (self.label, percent, done, self.total, format_duration(eta)))
+
+    def finish(self):
+        if self.on and self.width:
+            self._write("")
+
+    def _write(self, text):
+        self.stream.write("\r" + text.ljust(self.width) + ("\r" if not text else ""))
+        self.stream.flush()
+        self.width = len(text) if text else 0
+
+
+# ======================================================================================
 # Session: the thin coordinator that wires memory, corpus, trainer and voice together.
 # ======================================================================================
 
@@ -3828,83 +3998,6 @@ def format_duration(seconds):
         return "-"
     m = int(seconds // 60)
     return "%dh%02dm" % (m // 60, m % 60) if m >= 60 else "%dm%02ds" % (m, int(seconds % 60))
-
-
-# ======================================================================================
-# Progress notes: one fixed-format line about training, shown where the user already looks.
-# ======================================================================================
-
-def warmup_percent(step, cfg):
-    return min(100, int(100 * step / max(1, cfg.warmup_steps)))
-
-
-def warmup_eta(progress, cfg, step):
-    """Seconds of warmup left at the last job's speed (None: unknown or done)."""
-    tps, left = progress.tokens_per_s, max(0, cfg.warmup_steps - step)
-    return left * cfg.batch_size * cfg.seq_len / tps if tps and left else None
-
-
-def progress_line(progress, cfg, step):
-    """`[warmup 34% | step 410/1200 | eta 12m03s | held-out -]` from a Brain's Progress."""
-    h = progress.heldout
-    return "[warmup %d%% | step %d/%d | eta %s | held-out %s]" % (
-        warmup_percent(step, cfg), step, cfg.warmup_steps, format_duration(warmup_eta(progress, cfg, step)),
-        "%.2f bits/byte" % h.mix_bpb if h else "-")
-
-
-class TrainingNotes:
-    """Decides which progress notes the REPL shows after a reply: a warmup line when the percentage
-    moved or a new held-out figure came in, and once, when lambda first rises above 0, the network's arrival."""
-
-    def __init__(self, cfg, progress):
-        self.cfg = cfg
-        self.shown = None                                   # (percent, held-out) of the last line
-        self.warmup_over = progress.warmup_done            # a restart after warmup has none to show
-        self.spoke = progress.lam > 0
-
-    def lines(self, progress, step):
-        out, h = [], progress.heldout
-        now = (warmup_percent(step, self.cfg), h and h.mix_bpb)
-        if not self.warmup_over and now != self.shown:
-            out.append(progress_line(progress, self.cfg, step))
-            self.shown = now
-        self.warmup_over = progress.warmup_done
-        if not self.spoke and progress.lam > 0:
-            out.append("[the network now speaks: lambda %.2f]" % progress.lam)
-            self.spoke = True
-        return out
-
-
-class Meter:
-    """`eval 34% | 41/120 | eta 12s`, rewritten in place on stderr while it is a terminal; else silent."""
-
-    def __init__(self, label, total, enabled=True, stream=None, now=time.monotonic):
-        self.stream = stream or sys.stderr
-        self.label, self.total, self.now = label, total, now
-        tty = False
-        with contextlib.suppress(AttributeError, ValueError):      # no isatty, or already closed
-            tty = self.stream.isatty()
-        self.on = enabled and total > 0 and tty
-        self.start, self.percent, self.width = now(), None, 0
-
-    def update(self, done):
-        if not self.on:
-            return
-        percent = int(100 * done / self.total)
-        if percent != self.percent:
-            self.percent = percent
-            elapsed = self.now() - self.start
-            eta = elapsed / done * (self.total - done) if done else None
-            self._write("%s %d%% | %d/%d | eta %s" % (self.label, percent, done, self.total, format_duration(eta)))
-
-    def finish(self):
-        if self.on and self.width:
-            self._write("")
-
-    def _write(self, text):
-        self.stream.write("\r" + text.ljust(self.width) + ("\r" if not text else ""))
-        self.stream.flush()
-        self.width = len(text) if text else 0
 
 
 # ======================================================================================
@@ -4803,94 +4896,6 @@ def run_bench(cfg, corpus_path, out=say, show_progress=False):
            result["tokens_per_byte"], result["corpus_bytes"]))
     out(json.dumps(result, sort_keys=True))
     return result
-
-
-# ======================================================================================
-# Folder lock: one organism per folder, so two processes never train over each other's checkpoint.
-# ======================================================================================
-# The lock is the OS's (flock, or a Windows byte-range lock), so it dies with its process and
-# kill -9 leaves nothing stale. The file holds the owner's PID only for the message; it is
-# removed while still locked, and a locker checks that the file it locked is still the one at
-# the path (otherwise it locked a removed file and tries again).
-
-WINDOWS_LOCK_OFFSET = 1 << 20             # Windows locks a byte past the PID, so others can read it
-
-
-class LockedError(MacroError):
-    pass
-
-
-class FolderLock:
-    """An exclusive OS lock on `<path>.lock` for as long as this process lives or until release()."""
-
-    def __init__(self, path):
-        self.path, self.fd = path + ".lock", None
-
-    def acquire(self):
-        for _ in range(100):                           # each retry means another process just released
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as e:
-                raise MacroError("cannot create lock file %s: %s" % (self.path, e.strerror or e))
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                else:
-                    os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
-                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            except (BlockingIOError, PermissionError):
-                os.lseek(fd, 0, os.SEEK_SET)
-                owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-                os.close(fd)
-                raise LockedError("another macrogpt (PID %s) is using %s; wait for it to end, or give this "
-                                  "one its own --db and --ckpt" % (owner, os.path.abspath(self.path[:-5])))
-            with contextlib.suppress(FileNotFoundError):
-                if fcntl is None or os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    break
-            os.close(fd)
-        else:
-            raise MacroError("cannot lock %s: it keeps being replaced" % self.path)
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, b"%d\n" % os.getpid())
-        self.fd = fd
-        return self
-
-    def release(self):
-        if self.fd is None:
-            return
-        fd, self.fd = self.fd, None
-        if fcntl is not None:
-            _remove_quietly(self.path)             # while still locked: see the section note
-            os.close(fd)
-        else:
-            os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-            os.close(fd)
-            _remove_quietly(self.path)             # fails harmlessly if another process has it open
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, kind, value, tb):
-        self.release()
-
-
-def _remove_quietly(path):
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def remove_stale_temps(path):
-    """Remove `<path>.<pid>.tmp` (and the older `<path>.tmp`) left by killed writers -> how many.
-    Call it only while holding the lock on `path`: then no other process is writing one."""
-    folder, base = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(base) + r"(\.\d+)?\.tmp\Z")
-    ours = os.path.basename(temp_name(path))
-    stale = [name for name in os.listdir(folder) if pattern.match(name) and name != ours]
-    for name in stale:
-        _remove_quietly(os.path.join(folder, name))
-    return len(stale)
 
 
 # ======================================================================================
