@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 import unittest
 
 import macrogpt as M
@@ -67,6 +68,10 @@ class CliTest(CliCase):
                                 stderr=subprocess.PIPE)
         try:
             self.status_until(proc, r"warmup (step [1-9]|done)")
+            deadline = time.time() + 90                # /status shows the workers' steps before the
+            while not os.path.exists(self.path("macrogpt.ckpt")) and time.time() < deadline:   # first save
+                time.sleep(0.2)
+            self.status_until(proc, r"warmup (step [1-9]|done)")      # still training: kill it mid-job
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.communicate(timeout=60)
