@@ -859,11 +859,12 @@ def main(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        out = os.fdopen(os.dup(1), "w", encoding="utf-8")
         null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        jobs = [(r, int(a), int(b)) for r, a, b in (j.split(":") for j in args.worker.split(","))]
-        worker(jobs, args.seed, out)
+        with os.fdopen(os.dup(1), "w", encoding="utf-8") as out:
+            os.dup2(null, 1)
+            os.close(null)
+            jobs = [(r, int(a), int(b)) for r, a, b in (j.split(":") for j in args.worker.split(","))]
+            worker(jobs, args.seed, out)
         return 0
     readers = READERS if args.reader == "all" else tuple(args.reader.split(","))
     unknown = [r for r in readers if r not in READERS]
