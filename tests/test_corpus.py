@@ -262,3 +262,20 @@ class FieldRemovalTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class BurstMaterialTest(CorpusCase):
+    def test_a_burst_starts_where_the_unlearned_lines_begin_and_marks_them_learned(self):
+        s = self.session()
+        corpus = s.corpus
+        corpus.add(["H: a first new line about kites", "A: kites fly."], "chat")
+        recent, mark = corpus.take_pending()
+        stream, starts, keys = corpus.stream(), corpus._layout()[2], corpus._layout()[3]
+        first_new = min(i for i in keys if i > corpus.burst_mark)
+        self.assertEqual(recent, starts[keys.index(first_new)])    # the stream position of the first new line
+        self.assertEqual(stream[recent - 1], M.EOS)
+        corpus.mark_learned(mark)
+        self.assertEqual((corpus.burst_mark, s.memory.get_state("burst_mark")), (mark, mark))
+        corpus.add(["H: then one about gulls", "A: gulls cry."], "chat")
+        recent, _ = corpus.take_pending()                           # only what came after the mark
+        self.assertEqual(recent, corpus._layout()[2][corpus._layout()[3].index(mark + 1)])
